@@ -1,0 +1,3 @@
+from hyla.cli import app
+
+app()

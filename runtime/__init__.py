@@ -1,0 +1,1 @@
+"""The hybrid model, its ops, cache management and the serving engine."""

@@ -1,0 +1,1 @@
+"""Building blocks of the hybrid decoder: norms, MLP, RoPE, softmax and linear-attention mixers."""

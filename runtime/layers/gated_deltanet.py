@@ -1,0 +1,53 @@
+"""Gated DeltaNet mixer: L2-normalised q/k, beta = sigmoid(W_b x), g = -exp(A_log)·softplus(W_a x + dt_bias)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyla.runtime.config import HybridConfig
+from hyla.runtime.context import ForwardContext
+from hyla.runtime.layers.linear_mixer import LinearMixer
+from hyla.runtime.ops import gated_delta_rule
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / ||x|| over the last dim (zero stays zero)."""
+    return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class GatedDeltaNet(LinearMixer):
+    """Linear attention with the gated delta rule."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        h = self.num_heads
+        self.a_proj = nn.Linear(config.hidden_size, h, bias=False)
+        self.b_proj = nn.Linear(config.hidden_size, h, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(h))
+        self.dt_bias = nn.Parameter(torch.zeros(h))
+
+    def reset_linear_parameters(self) -> None:
+        """A_log = log U(0, 16); dt_bias = softplus⁻¹(dt), dt log-uniform in [1e-3, 0.1]."""
+        super().reset_linear_parameters()
+        with torch.no_grad():
+            a = torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, 16).clamp_min(1e-4)
+            self.A_log.copy_(a.log())
+            dt = torch.exp(
+                torch.empty_like(a).uniform_(0, 1) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+            ).clamp_min(1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v, conv_state = self.project_qkv(x, ctx)
+        q, k = l2_normalize(q), l2_normalize(k)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        o, state = gated_delta_rule(
+            q, k, v, g, beta, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens
+        )
+        ctx.store_linear_state(self.layer_idx, conv_state, state)
+        return self.project_out(o, x)

@@ -1,0 +1,34 @@
+"""Gated Linear Attention mixer with a data-dependent low-rank forget gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyla.runtime.config import HybridConfig
+from hyla.runtime.context import ForwardContext
+from hyla.runtime.layers.linear_mixer import LinearMixer
+from hyla.runtime.ops import gated_linear_attention
+
+GATE_LOGIT_NORMALIZER = 16.0
+
+
+class GatedLinearAttention(LinearMixer):
+    """gk = logsigmoid(W_up W_down x + b) / 16 per key dim; output through the shared gated norm."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.gk_down = nn.Linear(config.hidden_size, config.gla_gate_rank, bias=False)
+        self.gk_up = nn.Linear(config.gla_gate_rank, self.num_heads * self.head_dim, bias=True)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v, conv_state = self.project_qkv(x, ctx)
+        gk = F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / GATE_LOGIT_NORMALIZER
+        gk = gk.view(b, t, self.num_heads, self.head_dim)
+        o, state = gated_linear_attention(
+            q, k, v, gk, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens
+        )
+        ctx.store_linear_state(self.layer_idx, conv_state, state)
+        return self.project_out(o, x)

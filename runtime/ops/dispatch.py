@@ -1,0 +1,145 @@
+"""Public linear-attention ops: validate arguments and pick a backend by device.
+
+CUDA tensors go to the fla-core kernels (:mod:`.fla_backend`); everything else runs the PyTorch
+reference (:mod:`.delta_rule`, :mod:`.gla`) in fp32, with varlen batches padded into a dense one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from .gla import chunk_gla, recurrent_gla
+
+CHUNK_SIZE = 64
+RECURRENT_MAX_LEN = 16  # CPU "auto" uses the recurrent form up to this sequence length
+MODES = ("auto", "chunk", "recurrent")
+
+
+def gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    output_final_state: bool = True,
+    mode: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Gated DeltaNet. q, k ``[B, T, H, K]`` (L2-normalised by the caller), v ``[B, T, H, V]``,
+    log-decay g and beta ``[B, T, H]``. States are fp32 ``[N, H, K, V]``; o has q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    _check(q, k, v, initial_state, cu_seqlens, mode)
+    if q.is_cuda:
+        from . import fla_backend
+
+        return fla_backend.gated_delta_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+            output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode),
+        )
+    fn = recurrent_gated_delta_rule if _cpu_recurrent(q, cu_seqlens, mode) else chunk_gated_delta_rule
+    return _run_reference(fn, (q, k, v, g, beta), scale, initial_state, cu_seqlens, output_final_state)
+
+
+def gated_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    output_final_state: bool = True,
+    mode: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Gated linear attention. q, k, per-key-dim log-decay gk ``[B, T, H, K]``, v ``[B, T, H, V]``.
+    States are fp32 ``[N, H, K, V]``; o has q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    _check(q, k, v, initial_state, cu_seqlens, mode)
+    if q.is_cuda:
+        from . import fla_backend
+
+        return fla_backend.gated_linear_attention(
+            q, k, v, gk, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+            output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode),
+        )
+    fn = recurrent_gla if _cpu_recurrent(q, cu_seqlens, mode) else chunk_gla
+    return _run_reference(fn, (q, k, v, gk), scale, initial_state, cu_seqlens, output_final_state)
+
+
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None, cu_seqlens: Tensor | None, mode: str
+) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"batch size must be 1 with cu_seqlens, got {q.shape[0]}")
+    B, _, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    expected = (N, H, K, v.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(f"initial_state must have shape {expected}, got {tuple(initial_state.shape)}")
+
+
+def _cuda_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "recurrent"
+    # all sequences hold one token (decode); read from shapes to avoid a device sync
+    n_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    return q.shape[0] * q.shape[1] == n_seqs
+
+
+def _cpu_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "recurrent"
+    max_len = q.shape[1] if cu_seqlens is None else int(cu_seqlens.diff().max())
+    return max_len <= RECURRENT_MAX_LEN
+
+
+def _run_reference(
+    fn: Callable[..., tuple[Tensor, Tensor]],
+    inputs: tuple[Tensor, ...],
+    scale: float,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    output_final_state: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Run a dense fp32 reference kernel, padding a varlen batch to ``[N, max_len, ...]``."""
+    q, v = inputs[0], inputs[2]
+    out_dtype = q.dtype
+    xs = [x.float() for x in inputs]
+    idx = valid = None
+    if cu_seqlens is not None:
+        idx, valid = _pad_index(cu_seqlens.to(q.device, torch.long))
+        # zero padding after each sequence is an identity step for both recurrences
+        xs = [torch.where(_bcast(valid, x), x[0, idx], 0.0) for x in xs]
+    B, _, H, K = xs[0].shape
+    state = (
+        xs[0].new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float()
+    )
+    o, final = fn(*xs, scale, state)
+    if valid is not None:
+        o = o[valid][None]
+    return o.to(out_dtype), final if output_final_state else None
+
+
+def _pad_index(cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather index ``[N, L]`` into the packed axis and its validity mask."""
+    lens = cu_seqlens.diff()
+    steps = torch.arange(int(lens.max()), device=cu_seqlens.device)
+    valid = steps < lens[:, None]
+    idx = (cu_seqlens[:-1, None] + steps).clamp(max=max(int(cu_seqlens[-1]) - 1, 0))
+    return idx, valid
+
+
+def _bcast(mask: Tensor, x: Tensor) -> Tensor:
+    return mask.reshape(*mask.shape, *([1] * (x.dim() - 2)))

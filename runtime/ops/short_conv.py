@@ -1,0 +1,56 @@
+"""Causal depthwise short convolution with a carried conv state (pure PyTorch, any device)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def short_conv(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    conv_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    activation: str | None = "silu",
+) -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv: ``y_t = act(sum_j weight[:, j] * x_{t-W+1+j})``.
+
+    x is ``[B, T, C]``, or ``[1, total, C]`` packed with ``cu_seqlens`` (N+1 offsets); weight is
+    ``[C, W]``. ``conv_state`` ``[N, C, W-1]`` holds the W-1 inputs before each sequence (zeros when
+    None). Returns y (x's shape and dtype) and the new state ``[N, C, W-1]`` in x's dtype: the last
+    W-1 inputs of each sequence, reaching into the old state for sequences shorter than W-1.
+    Computed in fp32 without host syncs.
+    """
+    if activation not in ("silu", None):
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    B, T, C = x.shape
+    W = weight.shape[1]
+    dev = x.device
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=dev) * T
+        x = x.reshape(1, B * T, C)
+    elif B != 1:
+        raise ValueError(f"batch size must be 1 with cu_seqlens, got {B}")
+    else:
+        cu = cu_seqlens.to(dev, torch.long)
+    N, total = cu.numel() - 1, x.shape[1]
+    if conv_state is None:
+        conv_state = x.new_zeros(N, C, W - 1)
+
+    # Buffer holding, for each sequence in turn, its W-1 state inputs followed by its tokens.
+    seq = torch.searchsorted(cu[1:], torch.arange(total, device=dev), right=True)
+    tok_pos = torch.arange(total, device=dev) + (seq + 1) * (W - 1)
+    lag = torch.arange(W - 1, device=dev)
+    seq_off = torch.arange(N, device=dev)[:, None] * (W - 1)
+    buf = x.new_empty(total + N * (W - 1), C)
+    buf[tok_pos] = x[0]
+    buf[cu[:-1, None] + seq_off + lag] = conv_state.to(x.dtype).transpose(1, 2)
+
+    windows = buf[tok_pos[:, None] - (W - 1) + torch.arange(W, device=dev)]  # [total, W, C]
+    y = torch.einsum("twc,cw->tc", windows.float(), weight.float())
+    if activation == "silu":
+        y = F.silu(y)
+    new_state = buf[cu[1:, None] + seq_off + lag].transpose(1, 2).contiguous()
+    return y.to(x.dtype).reshape(B, T, C), new_state

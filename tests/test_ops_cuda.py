@@ -1,0 +1,125 @@
+"""fla-core CUDA kernels against the CPU reference: bf16 on the GPU vs fp32 on the CPU.
+
+``python tests/test_ops_cuda.py`` prints the relative errors of every case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyla.runtime.ops import gated_delta_rule, gated_linear_attention, short_conv
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+MAX_REL = 1e-2
+H, K, V = 4, 64, 64
+LENS = [37, 300, 1, 129]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_inputs(op: str, B: int, T: int, seed: int) -> dict:
+    """bf16 inputs on the CPU (the reference upcasts exactly these values)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    if op == "gdn":
+        x = {
+            "q": F.normalize(rand(B, T, H, K), dim=-1),
+            "k": F.normalize(rand(B, T, H, K), dim=-1),
+            "v": rand(B, T, H, V),
+            "g": F.logsigmoid(rand(B, T, H)),
+            "beta": rand(B, T, H).sigmoid(),
+        }
+    else:
+        x = {"q": rand(B, T, H, K), "k": rand(B, T, H, K), "v": rand(B, T, H, V), "gk": F.logsigmoid(rand(B, T, H, K))}
+    return {name: t.bfloat16() for name, t in x.items()}
+
+
+def compare(op: str, x: dict, h0: torch.Tensor | None, cu: torch.Tensor | None, mode: str, ref_mode: str):
+    """Relative errors (output, final state) of the CUDA run against the fp32 CPU reference."""
+    fn = gated_delta_rule if op == "gdn" else gated_linear_attention
+    o_ref, s_ref = fn(
+        **{n: t.float() for n, t in x.items()}, initial_state=h0, cu_seqlens=cu, mode=ref_mode
+    )
+    o, s = fn(
+        **{n: t.cuda() for n, t in x.items()},
+        initial_state=None if h0 is None else h0.cuda(),
+        cu_seqlens=None if cu is None else cu.cuda(),
+        mode=mode,
+    )
+    assert o.dtype == torch.bfloat16 and o.is_cuda and s.dtype == torch.float32
+    return rel(o, o_ref), rel(s, s_ref)
+
+
+def prefill_case(op: str, with_state: bool, varlen: bool, mode: str) -> tuple[float, float]:
+    B, T, cu = (1, sum(LENS), torch.tensor([0, *torch.tensor(LENS).cumsum(0).tolist()])) if varlen else (2, 300, None)
+    N = len(LENS) if varlen else B
+    h0 = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(1)) if with_state else None
+    return compare(op, make_inputs(op, B, T, seed=2), h0, cu, mode, ref_mode="chunk")
+
+
+def decode_case(op: str, varlen: bool) -> tuple[float, float]:
+    N = 6
+    B, T, cu = (1, N, torch.arange(N + 1)) if varlen else (N, 1, None)
+    h0 = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(3))
+    return compare(op, make_inputs(op, B, T, seed=4), h0, cu, mode="auto", ref_mode="recurrent")
+
+
+def conv_case(varlen: bool) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(5)
+    C, W = 96, 4
+    lens = [3, 50, 1, 20]
+    B, T, cu = (1, sum(lens), torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])) if varlen else (3, 40, None)
+    N = len(lens) if varlen else B
+    x = torch.randn(B, T, C, generator=gen).bfloat16()
+    w = torch.randn(C, W, generator=gen)
+    state = torch.randn(N, C, W - 1, generator=gen).bfloat16()
+    y_ref, s_ref = short_conv(x.float(), w, conv_state=state.float(), cu_seqlens=cu)
+    y, s = short_conv(x.cuda(), w.cuda(), conv_state=state.cuda(), cu_seqlens=None if cu is None else cu.cuda())
+    assert y.dtype == torch.bfloat16 and y.is_cuda
+    return rel(y, y_ref), rel(s, s_ref)
+
+
+@pytest.mark.parametrize("op", ["gdn", "gla"])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("mode", ["auto", "recurrent"])
+def test_prefill_matches_cpu(op, with_state, varlen, mode):
+    err_o, err_s = prefill_case(op, with_state, varlen, mode)
+    assert err_o <= MAX_REL and err_s <= MAX_REL, (err_o, err_s)
+
+
+@pytest.mark.parametrize("op", ["gdn", "gla"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_decode_matches_cpu(op, varlen):
+    err_o, err_s = decode_case(op, varlen)
+    assert err_o <= MAX_REL and err_s <= MAX_REL, (err_o, err_s)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_short_conv_matches_cpu(varlen):
+    err_y, err_s = conv_case(varlen)
+    assert err_y <= MAX_REL and err_s == 0.0, (err_y, err_s)
+
+
+if __name__ == "__main__":
+    for op in ("gdn", "gla"):
+        for with_state in (False, True):
+            for varlen in (False, True):
+                for mode in ("auto", "recurrent"):
+                    errs = prefill_case(op, with_state, varlen, mode)
+                    print(f"prefill {op} state={with_state} varlen={varlen} mode={mode}: o {errs[0]:.2e} state {errs[1]:.2e}")
+        for varlen in (False, True):
+            errs = decode_case(op, varlen)
+            print(f"decode  {op} varlen={varlen}: o {errs[0]:.2e} state {errs[1]:.2e}")
+    for varlen in (False, True):
+        errs = conv_case(varlen)
+        print(f"short_conv varlen={varlen}: y {errs[0]:.2e} state {errs[1]:.2e}")
