@@ -49,18 +49,20 @@ def hybrid_from_teacher(
     config = HybridConfig.from_teacher(teacher.config, layer_types=layer_types, **config_overrides)
     torch.manual_seed(seed)
     student = HybridForCausalLM(config).to(dtype=teacher.dtype)
-    t_layers = teacher.model.layers
-    for i, layer in enumerate(student.model.layers):
-        src = t_layers[i]
-        layer.input_layernorm.load_state_dict(src.input_layernorm.state_dict())
-        layer.post_attention_layernorm.load_state_dict(src.post_attention_layernorm.state_dict())
-        layer.mlp.load_state_dict(src.mlp.state_dict())
-        if isinstance(layer.self_attn, LinearMixer):
-            transfer_attention(layer.self_attn, src.self_attn, config)
-        else:
-            layer.self_attn.load_state_dict(src.self_attn.state_dict())
-    student.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight)
-    student.model.norm.weight.copy_(teacher.model.norm.weight)
-    if not config.tie_word_embeddings:
-        student.lm_head.weight.copy_(teacher.lm_head.weight)
+    shared = {k: v for k, v in teacher.state_dict().items() if k in student.state_dict()}
+    for i in config.linear_layers:  # linear mixers take the teacher's attention through `transfer_attention`
+        shared = {k: v for k, v in shared.items() if not k.startswith(f"model.layers.{i}.self_attn.")}
+        transfer_attention(student.model.layers[i].self_attn, teacher.model.layers[i].self_attn, config)
+    missing = set(student.state_dict()) - set(shared)
+    unexpected = [k for k in missing if not _is_linear_only(k, config)]
+    if unexpected:
+        raise ValueError(f"teacher lacks weights the hybrid needs: {sorted(unexpected)[:5]}")
+    student.load_state_dict(shared, strict=False)
     return student.to(teacher.device).eval()
+
+
+def _is_linear_only(key: str, config: HybridConfig) -> bool:
+    """Keys that only linear-attention layers (or the tied LM head) have."""
+    if key == "lm_head.weight" and config.tie_word_embeddings:
+        return True
+    return any(key.startswith(f"model.layers.{i}.self_attn.") for i in config.linear_layers)

@@ -130,3 +130,27 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose from {sorted(table)}")
     return table[name]
+
+
+def as_hybrid(model: PreTrainedModel) -> PreTrainedModel:
+    """A teacher as the all-softmax `HybridForCausalLM` with the same weights; a hybrid as it is."""
+    from hyla.runtime.config import HybridConfig
+    from hyla.runtime.model import HybridForCausalLM
+
+    if isinstance(model, HybridForCausalLM):
+        return model
+    with torch.device("meta"):
+        hybrid = HybridForCausalLM(HybridConfig.from_teacher(model.config))
+    hybrid.load_state_dict(model.state_dict(), strict=True, assign=True)
+    hybrid.model.rotary_emb.inv_freq = hybrid.model.rotary_emb.compute_inv_freq()[0].to(model.device)
+    hybrid.tie_weights()
+    return hybrid.to(model.device).eval()
+
+
+def load_hybrid(
+    name: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load any model as a `HybridForCausalLM` (what the serving engine runs)."""
+    return as_hybrid(load_model(name, dtype, device))

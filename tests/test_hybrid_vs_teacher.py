@@ -55,3 +55,14 @@ def test_smollm2_all_attention_matches_teacher(smollm2) -> None:
         got = student(**ids).logits
     real = ids["attention_mask"].bool()
     assert (got[real] - expected[real]).abs().max().item() <= 1e-5
+
+
+def test_as_hybrid_keeps_teacher_logits(teacher) -> None:
+    from hyla.runtime.loading import as_hybrid
+    from hyla.runtime.model import HybridForCausalLM
+
+    hybrid = as_hybrid(teacher)
+    assert isinstance(hybrid, HybridForCausalLM)
+    ids = torch.randint(3, teacher.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        assert (hybrid(ids).logits - teacher(ids).logits).abs().max().item() <= 1e-5

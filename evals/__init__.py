@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval integration, offline benchmark data, recall probes, reports and load testing."""

@@ -1,0 +1,45 @@
+"""What the engine streams back for a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One position's log-probabilities: token id -> (logprob, rank among the vocabulary (1 = best)).
+TokenLogprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class CompletionOutput:
+    """One of the `n` continuations of a request, cumulative so far.
+
+    `text` / `token_ids` hold everything generated up to now; `text_delta` / `token_ids_delta`
+    what this engine step added. `finish_reason` is None while running, then "stop" (EOS, stop
+    token or stop string), "length" (max_tokens or the context limit) or "abort".
+    """
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after an engine step; `finished` once every continuation is."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    finished: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    """arrival / first_token / finished timestamps (time.monotonic()) for latency metrics."""

@@ -1,0 +1,1 @@
+"""Serving: one engine behind OpenAI-compatible HTTP and gRPC front ends."""
