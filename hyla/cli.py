@@ -10,5 +10,8 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+bench = typer.Typer(help="Benchmarks: offline engine throughput, serving load tests.", no_args_is_help=True)
+
 app.command()(info)
 app.command()(generate)
+app.add_typer(bench, name="bench")
