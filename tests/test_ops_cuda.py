@@ -26,6 +26,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def offsets(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+
+
 def make_inputs(op: str, B: int, T: int, seed: int) -> dict:
     """bf16 inputs on the CPU (the reference upcasts exactly these values)."""
     gen = torch.Generator().manual_seed(seed)
@@ -39,7 +43,12 @@ def make_inputs(op: str, B: int, T: int, seed: int) -> dict:
             "beta": rand(B, T, H).sigmoid(),
         }
     else:
-        x = {"q": rand(B, T, H, K), "k": rand(B, T, H, K), "v": rand(B, T, H, V), "gk": F.logsigmoid(rand(B, T, H, K))}
+        x = {
+            "q": rand(B, T, H, K),
+            "k": rand(B, T, H, K),
+            "v": rand(B, T, H, V),
+            "gk": F.logsigmoid(rand(B, T, H, K)),
+        }
     return {name: t.bfloat16() for name, t in x.items()}
 
 
@@ -60,7 +69,7 @@ def compare(op: str, x: dict, h0: torch.Tensor | None, cu: torch.Tensor | None, 
 
 
 def prefill_case(op: str, with_state: bool, varlen: bool, mode: str) -> tuple[float, float]:
-    B, T, cu = (1, sum(LENS), torch.tensor([0, *torch.tensor(LENS).cumsum(0).tolist()])) if varlen else (2, 300, None)
+    B, T, cu = (1, sum(LENS), offsets(LENS)) if varlen else (2, 300, None)
     N = len(LENS) if varlen else B
     h0 = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(1)) if with_state else None
     return compare(op, make_inputs(op, B, T, seed=2), h0, cu, mode, ref_mode="chunk")
@@ -77,13 +86,14 @@ def conv_case(varlen: bool) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(5)
     C, W = 96, 4
     lens = [3, 50, 1, 20]
-    B, T, cu = (1, sum(lens), torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])) if varlen else (3, 40, None)
+    B, T, cu = (1, sum(lens), offsets(lens)) if varlen else (3, 40, None)
     N = len(lens) if varlen else B
     x = torch.randn(B, T, C, generator=gen).bfloat16()
     w = torch.randn(C, W, generator=gen)
     state = torch.randn(N, C, W - 1, generator=gen).bfloat16()
     y_ref, s_ref = short_conv(x.float(), w, conv_state=state.float(), cu_seqlens=cu)
-    y, s = short_conv(x.cuda(), w.cuda(), conv_state=state.cuda(), cu_seqlens=None if cu is None else cu.cuda())
+    cu_cuda = None if cu is None else cu.cuda()
+    y, s = short_conv(x.cuda(), w.cuda(), conv_state=state.cuda(), cu_seqlens=cu_cuda)
     assert y.dtype == torch.bfloat16 and y.is_cuda
     return rel(y, y_ref), rel(s, s_ref)
 
@@ -116,7 +126,8 @@ if __name__ == "__main__":
             for varlen in (False, True):
                 for mode in ("auto", "recurrent"):
                     errs = prefill_case(op, with_state, varlen, mode)
-                    print(f"prefill {op} state={with_state} varlen={varlen} mode={mode}: o {errs[0]:.2e} state {errs[1]:.2e}")
+                    case = f"prefill {op} state={with_state} varlen={varlen} mode={mode}"
+                    print(f"{case}: o {errs[0]:.2e} state {errs[1]:.2e}")
         for varlen in (False, True):
             errs = decode_case(op, varlen)
             print(f"decode  {op} varlen={varlen}: o {errs[0]:.2e} state {errs[1]:.2e}")
