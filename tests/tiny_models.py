@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config, Qwen3Config
 
@@ -43,3 +46,48 @@ def tiny_teacher(family: str = "llama", layers: int = 4, seed: int = 0, **overri
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def tiny_teacher_dir(path: str | os.PathLike[str], family: str = "llama", layers: int = 2, seed: int = 0) -> Path:
+    """Save a tiny random teacher with the real SmolLM2 tokenizer (vocab 49152) as an HF dir at `path`.
+
+    For tests that need text in and text out (lm-eval, serving) without loading the real weights.
+    """
+    from hyla.runtime.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    model = tiny_teacher(
+        family, layers, seed, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! Serving hybrid models is fun. 🙂 🚀 café naïve 日本語",
+    "Once upon a time there was a tiny model that wrote tiny stories.",
+    "1 2 3 4 5 6 7 8 9 10, the end.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE trained in-process (ids 0/1/2 = <pad>/<s>/</s>); emojis span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+

@@ -1,0 +1,61 @@
+"""Stage 3 (optional): a short next-token cross-entropy finetune of the whole student, optionally
+at a longer context than distillation used (blocks are re-packed from the same token stream)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hyla.convert.data import BatchStream
+from hyla.convert.distributed import Dist
+from hyla.convert.loop import StageResult, train_loop
+from hyla.convert.students import autocast
+from hyla.runtime.model import HybridForCausalLM
+
+
+def repack(blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """`[N, T]` consecutive blocks as `[N·T // seq_len, seq_len]`."""
+    flat = blocks.reshape(-1)
+    n = flat.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"not enough training tokens for one block of {seq_len}")
+    return flat[: n * seq_len].view(n, seq_len)
+
+
+class CausalLoss(nn.Module):
+    def __init__(self, student: HybridForCausalLM) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.student(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+
+def run_finetune(
+    student: HybridForCausalLM,
+    stream: BatchStream,
+    steps: int,
+    lr: float,
+    dist: Dist,
+    warmup: int = 0,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    quiet: bool = False,
+) -> StageResult:
+    """Cross-entropy finetune of all parameters of `student` (in place)."""
+    wrapped = dist.wrap(CausalLoss(student))
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def step(i: int) -> float:
+        ids = stream(i).to(dist.device)
+        with autocast(dist.device):
+            loss = wrapped(ids)
+        loss.backward()
+        return float(loss.detach())
+
+    tokens = stream.batch_size * stream.blocks.shape[1]
+    return train_loop(
+        "stage 3", student, optimizer, step, steps, tokens, dist, warmup, checkpoint, checkpoint_every, quiet
+    )

@@ -1,0 +1,118 @@
+"""The training loop every stage shares: warmup + cosine lr, progress (tqdm or plain log lines),
+loss curve, and resumable checkpoints of the trained parameters and optimizer."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hyla.convert.distributed import Dist
+
+
+@dataclass
+class StageResult:
+    """Loss curve `[(step, loss)]`, tokens trained on (all ranks) and wall seconds."""
+
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {
+            "steps": len(self.curve),
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+            "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+            "final_loss": self.curve[-1][1] if self.curve else None,
+            "curve": self.curve,
+        }
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_loop(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_fn: Callable[[int], float],
+    steps: int,
+    tokens_per_step: int,
+    dist: Dist,
+    warmup: int = 0,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    quiet: bool = False,
+    clip: float | None = 1.0,
+) -> StageResult:
+    """Run `step_fn(step)` (forward + backward, returns the loss) for `steps` optimizer steps.
+
+    With `checkpoint`, the trainable state, optimizer, curve and elapsed time are saved every
+    `checkpoint_every` steps, and a rerun continues from the last one.
+    """
+    result, start = StageResult(), 0
+    peaks = [g["lr"] for g in optimizer.param_groups]
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location=dist.device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start, result = saved["step"], StageResult([tuple(p) for p in saved["curve"]], saved["tokens"], saved["seconds"])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    bar = tqdm(
+        total=steps, initial=start, desc=name, unit="step", disable=quiet or not dist.is_main, file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    log_every = max(1, steps // 10)
+    began = time.perf_counter() - result.seconds
+    model.train()
+    for step in range(start, steps):
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = peak * lr_factor(step, steps, warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss = dist.mean(step_fn(step))
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        result.curve.append((step, round(loss, 6)))
+        result.tokens += tokens_per_step
+        result.seconds = time.perf_counter() - began
+        rate = result.tokens / result.seconds
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+        bar.update(1)
+        if quiet and dist.is_main and ((step + 1) % log_every == 0 or step + 1 == steps):
+            eta = (steps - step - 1) * result.seconds / max(1, step + 1 - start)
+            print(f"[{name}] step {step + 1}/{steps} loss {loss:.4f} {rate:.0f} tok/s eta {eta:.0f}s", file=sys.stderr)
+        last = step + 1 == steps
+        if checkpoint is not None and dist.is_main and (last or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+            _save(checkpoint, model, optimizer, step + 1, result)
+    bar.close()
+    model.eval()
+    return result
+
+
+def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, result: StageResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "curve": result.curve,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+    }
+    torch.save(state, tmp)
+    tmp.rename(path)

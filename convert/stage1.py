@@ -1,0 +1,96 @@
+"""Stage 1, attention alignment: each linear mixer learns to reproduce its teacher attention's
+output on the teacher's own residual stream.
+
+One teacher forward (no LM head) captures every layer's attention input and output; all linear
+mixers then train at once on those pairs (they are independent given the teacher's stream).
+Loss: mean over layers of the L2 error normalised by the target's mean square. Only the
+linear-attention parameters train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from hyla.convert.data import BatchStream
+from hyla.convert.distributed import Dist
+from hyla.convert.loop import StageResult, train_loop
+from hyla.convert.students import autocast
+from hyla.runtime.context import DenseContext
+from hyla.runtime.model import HybridForCausalLM
+
+
+class AttentionAlignment(nn.Module):
+    """The student's linear mixers scored against captured teacher attention outputs."""
+
+    def __init__(self, student: HybridForCausalLM) -> None:
+        super().__init__()
+        self.layers = student.config.linear_layers
+        self.mixers = nn.ModuleList(student.model.layers[i].self_attn for i in self.layers)
+
+    def forward(self, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        b, t, _ = inputs[0].shape
+        ctx = DenseContext(torch.arange(t, device=inputs[0].device).expand(b, t))
+        losses = []
+        for mixer, x, y in zip(self.mixers, inputs, targets):
+            err = (mixer(x, ctx).float() - y.float()).pow(2).mean()
+            losses.append(err / y.float().pow(2).mean().clamp_min(1e-8))
+        return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def capture_attention(teacher: PreTrainedModel, input_ids: torch.Tensor, layers: list[int]):
+    """Inputs and outputs of the teacher's attention modules at `layers` for one batch."""
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(idx: int):
+        def fn(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            inputs[idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            outputs[idx] = output[0] if isinstance(output, tuple) else output
+
+        return fn
+
+    handles = [
+        teacher.model.layers[i].self_attn.register_forward_hook(hook(i), with_kwargs=True) for i in layers
+    ]
+    try:
+        teacher.model(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return [inputs[i] for i in layers], [outputs[i] for i in layers]
+
+
+def run_stage1(
+    teacher: PreTrainedModel,
+    student: HybridForCausalLM,
+    stream: BatchStream,
+    steps: int,
+    lr: float,
+    dist: Dist,
+    warmup: int = 0,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    quiet: bool = False,
+) -> StageResult:
+    """Train every linear mixer of `student` (in place) on `steps` batches of teacher activations."""
+    align = AttentionAlignment(student)
+    wrapped = dist.wrap(align)
+    optimizer = torch.optim.AdamW(align.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+
+    def step(i: int) -> float:
+        ids = stream(i).to(dist.device)
+        with autocast(dist.device):
+            xs, ys = capture_attention(teacher, ids, align.layers)
+            loss = wrapped(xs, ys)
+        loss.backward()
+        return float(loss.detach())
+
+    tokens = stream.batch_size * stream.blocks.shape[1]
+    return train_loop(
+        "stage 1", align, optimizer, step, steps, tokens, dist, warmup, checkpoint, checkpoint_every, quiet, clip=None
+    )

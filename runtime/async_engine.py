@@ -1,0 +1,201 @@
+"""`AsyncEngine`: an asyncio front end that streams outputs while a background thread steps the engine.
+
+Requests are validated in the caller (bad input raises `ValueError` before anything is queued);
+adds and aborts reach the engine thread through a command queue, outputs come back through one
+asyncio queue per request. A consumer that stops early (cancelled task, `aclose()`) aborts its
+request, which frees its KV blocks and state slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from hyla.runtime.engine import EngineStats, LLMEngine
+from hyla.runtime.outputs import CompletionOutput, RequestOutput
+from hyla.runtime.request import Request
+from hyla.runtime.sampling_params import SamplingParams
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineShutdown(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class _Aborted:
+    """Marker sent to a stream whose request was aborted before it finished."""
+
+    request: Request
+
+    def output(self) -> RequestOutput:
+        r = self.request
+        return RequestOutput(
+            request_id=r.request_id, prompt=r.prompt, prompt_token_ids=list(r.prompt_token_ids),
+            outputs=[CompletionOutput(index=i, finish_reason="abort") for i in range(r.params.n)],
+            finished=True, metrics={"arrival": r.arrival},
+        )
+
+
+class AsyncEngine:
+    """Runs `LLMEngine.step()` in a thread while there is work; streams deltas to async consumers."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending = 0  # adds sent but not yet taken by the engine thread
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._accepting = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+
+    async def start(self) -> None:
+        """Start the background thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="hyla-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain: bool = True) -> None:
+        """Refuse new requests; with `drain` let in-flight ones finish, else abort them; stop the thread."""
+        self._accepting = False
+        if not drain:
+            for request_id in list(self._streams):
+                self._send(("abort", request_id))
+        while self._thread is not None and self._thread.is_alive() and self._busy():
+            await asyncio.sleep(0.01)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _busy(self) -> bool:
+        return bool(self._pending) or not self._commands.empty() or self.engine.has_unfinished_requests()
+
+    def _overloaded(self) -> bool:
+        return self._pending + self.engine.stats().num_waiting >= self.max_waiting
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (one per step that advanced it; the last has `finished=True`).
+
+        Raises `ValueError` for bad input and `EngineOverloaded` when the waiting queue is full, both
+        before the first output; leaving the loop early aborts the request.
+        """
+        if not self._accepting:
+            raise EngineShutdown("the engine is not running (not started or shutting down)")
+        if self._error is not None:
+            raise RuntimeError("the engine thread failed") from self._error
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.engine.make_request(request_id, prompt, params)
+        if self._overloaded():
+            raise EngineOverloaded(f"{self.max_waiting} requests are already waiting", retry_after=1.0)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        with self._lock:
+            self._pending += 1
+        self._send(("add", request))
+        last: RequestOutput | None = None
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, ValueError):
+                    finished = True
+                    raise item
+                if isinstance(item, BaseException):
+                    raise RuntimeError("the engine thread failed") from item
+                if isinstance(item, _Aborted):
+                    finished = True
+                    yield _aborted(last) if last is not None else item.output()
+                    return
+                last, finished = item, item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with an output whose finish_reason is 'abort'."""
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # ---- engine thread --------------------------------------------------------------------------
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # surface to every waiting consumer
+            self._error = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, exc)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                if arg.request_id in self._streams:
+                    try:
+                        self.engine.enqueue(arg)
+                    except ValueError as exc:
+                        self._deliver(arg.request_id, exc)
+                with self._lock:
+                    self._pending -= 1
+            elif arg in self.engine.requests:
+                request = self.engine.requests[arg]
+                self.engine.abort_request(arg)
+                self._deliver(arg, _Aborted(request))
+
+
+def _aborted(last: RequestOutput) -> RequestOutput:
+    """The final output of an aborted request: nothing new, finish_reason 'abort' where unfinished."""
+    outputs = [
+        replace(c, text_delta="", token_ids_delta=[], finish_reason=c.finish_reason or "abort") for c in last.outputs
+    ]
+    return replace(last, outputs=outputs, finished=True)

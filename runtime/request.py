@@ -1,0 +1,93 @@
+"""Request and sequence state inside the engine.
+
+A request holds one prompt and its sampling parameters; each of its `n` continuations is a
+`Sequence` with its own tokens, KV block table and state slot. With `n > 1` only the first
+sequence prefills the prompt; the others are forked from it once the prompt is done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hyla.runtime.detokenizer import IncrementalDetokenizer
+from hyla.runtime.outputs import TokenLogprobs
+from hyla.runtime.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One continuation: prompt + generated tokens and where its cache lives."""
+
+    request: Request
+    index: int
+    token_ids: list[int]
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator | None = None
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    slot: int | None = None
+    spare_slots: list[int] = field(default_factory=list)
+    """Slots reserved for the siblings a not-yet-forked sequence will spawn."""
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    sent_tokens: int = 0
+    sent_text: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.request.num_prompt_tokens :]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Scheduling priority: older requests first, then completion index."""
+        return self.request.order, self.index
+
+    @property
+    def slots_needed(self) -> int:
+        """State slots admission must find: the whole family before a fork, else one."""
+        return self.request.params.n if self.request.needs_fork else 1
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt, its parameters and its sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    order: int
+    arrival: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def needs_fork(self) -> bool:
+        return self.params.n > 1 and self.params.max_tokens > 0 and not self.forked
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_time is not None

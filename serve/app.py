@@ -1,0 +1,133 @@
+"""`HylaServer`: one async engine behind the HTTP and gRPC front ends, in one process and event loop.
+
+SIGTERM / SIGINT drain: both front ends stop taking requests (HTTP closes its listener and answers
+503 on kept-alive connections, gRPC refuses new calls and reports NOT_SERVING), in-flight requests
+finish (up to `drain_timeout` seconds), then the engine shuts down and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from hyla.runtime.async_engine import AsyncEngine
+from hyla.runtime.engine import LLMEngine
+from hyla.serve.grpc_server import GrpcFrontEnd
+from hyla.serve.http_app import DEFAULT_MAX_BODY_BYTES, build_app
+from hyla.serve.served_model import ServedModel
+
+
+@dataclass
+class ServerSettings:
+    """Where and how to serve; ports 0 pick free ones, `grpc_port` None disables gRPC."""
+
+    model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int | None = 50051
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_waiting: int = 256
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that tells us when a shutdown starts, and leaves the process alive afterwards
+    (uvicorn re-raises the signal once it is done, which would skip the gRPC and engine drain)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+class HylaServer:
+    """Build with an engine and settings; `await run()` serves until a signal or `request_shutdown()`."""
+
+    def __init__(self, engine: LLMEngine, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.engine = AsyncEngine(engine, max_waiting=settings.max_waiting)
+        self.served = ServedModel(self.engine, settings.model_name)
+        self.app = build_app(self.served, settings.api_key, settings.max_body_bytes)
+        self.grpc: GrpcFrontEnd | None = None  # grpc.aio binds to the loop it is made in: made in start()
+        config = uvicorn.Config(
+            self.app, log_level=settings.log_level, lifespan="off",
+            timeout_graceful_shutdown=int(settings.drain_timeout), timeout_keep_alive=5,
+        )
+        self.http = _Uvicorn(config, on_exit=self.request_shutdown)
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._grpc_stop: asyncio.Task | None = None
+        self._http_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Start the engine and bind both front ends (ports known afterwards)."""
+        self._loop = asyncio.get_running_loop()
+        await self.engine.start()
+        sock = listening_socket(self.settings.host, self.settings.port)
+        self.http_port = sock.getsockname()[1]
+        if self.settings.grpc_port is not None:
+            self.grpc = GrpcFrontEnd(self.served, self.settings.api_key)
+            self.grpc_port = await self.grpc.start(self.settings.host, self.settings.grpc_port)
+        self._http_task = asyncio.create_task(self.http.serve(sockets=[sock]))
+        while not self.http.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.02)
+
+    def request_shutdown(self) -> None:
+        """Begin draining; safe to call from any thread or a signal handler, more than once."""
+        loop = self._loop
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        self.served.accepting = False
+        self.http.should_exit = True
+        if self.grpc is not None and self._grpc_stop is None:
+            self._grpc_stop = asyncio.ensure_future(self.grpc.stop(self.settings.drain_timeout))
+
+    async def wait_closed(self) -> None:
+        """Wait for a shutdown request to finish draining, then stop the engine."""
+        await self._http_task
+        self._begin_drain()
+        if self._grpc_stop is not None:
+            await self._grpc_stop
+        await self.engine.shutdown(drain=True)
+
+    async def run(self) -> None:
+        await self.start()
+        await self.wait_closed()

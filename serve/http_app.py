@@ -1,0 +1,154 @@
+"""The FastAPI app: routes, API key, body size limit, request metrics and OpenAI-style errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import hyla
+from hyla.serve.auth import ApiKeyCheck
+from hyla.serve.errors import APIError, internal_error, too_large, unauthorized, validation_error
+from hyla.serve.routes_chat import router as chat_router
+from hyla.serve.routes_completions import router as completions_router
+from hyla.serve.routes_info import models_router, open_router, tokenizer_router
+from hyla.serve.served_model import ServedModel
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes, by Content-Length up front or by counting a streamed body."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await error_response(too_large(self.limit))(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+class RequestCounter:
+    """Counts answered requests by endpoint (route templates; anything else is "other", so scanners cannot
+    blow up the label set) and status."""
+
+    def __init__(self, app: ASGIApp, served: ServedModel, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.served = served
+        self.routes = routes
+
+    def endpoint(self, scope: Scope) -> str:
+        for route in self.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                return route.path
+        return "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.served.metrics.count("http", self.endpoint(scope), status)
+
+
+def key_dependency(check: ApiKeyCheck) -> Any:
+    bearer = HTTPBearer(auto_error=False, description="The server's API key (`hyla serve --api-key`).")
+
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
+        if not check.accepts(header):
+            raise unauthorized()
+
+    return Depends(require_key)
+
+
+def build_app(served: ServedModel, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The HTTP front end of `served`; `/health`, `/metrics` and the docs stay open when a key is set."""
+    app = FastAPI(
+        title="hyla",
+        version=hyla.__version__,
+        summary="OpenAI-compatible completions and chat completions over a hybrid-attention model.",
+    )
+    app.state.served = served
+    check = ApiKeyCheck(api_key)
+    guarded = [key_dependency(check)] if check.enabled else []
+    for router in (completions_router, chat_router, models_router, tokenizer_router):
+        app.include_router(router, dependencies=guarded)
+    app.include_router(open_router)
+    routes = [r for router in (completions_router, chat_router, models_router, tokenizer_router, open_router)
+              for r in router.routes]
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(error.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 413:
+            return error_response(too_large(max_body_bytes))
+        message = f"{error.detail}: {request.method} {request.url.path}"
+        return error_response(APIError(error.status_code, message, code=str(error.status_code)))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("request failed: %s %s", request.method, request.url.path)
+        return error_response(internal_error())
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema minus its 422 responses: validation errors are OpenAI-style 400s here."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestCounter, served=served, routes=routes)  # outermost: sees every status
+    return app

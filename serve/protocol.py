@@ -1,0 +1,257 @@
+"""Request and response bodies of the OpenAI-compatible HTTP API (pydantic; they drive /openapi.json).
+
+Requests are strict like OpenAI's: unknown fields and wrongly typed values are rejected (no "3" -> 3
+coercion). `top_k`, `ignore_eos` and `stop_token_ids` are extensions in the style of other
+OpenAI-compatible servers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP = 16
+MAX_PROMPTS = 256
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+TokenId = Annotated[int, Field(ge=0)]
+TokenIdList = Annotated[list[TokenId], Field(min_length=1)]
+
+
+def one_message(message: str) -> WrapValidator:
+    """Replace pydantic's per-union-member errors with one message saying what is accepted."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(message) from None
+
+    return WrapValidator(validate)
+
+
+Prompt = Annotated[
+    str
+    | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | TokenIdList
+    | Annotated[list[TokenIdList], Field(min_length=1, max_length=MAX_PROMPTS)],
+    one_message(
+        "prompt must be a string, a list of strings, a list of token ids (ints >= 0), "
+        f"or a list of token-id lists, none of them empty, at most {MAX_PROMPTS} prompts"
+    ),
+]
+Stop = Annotated[
+    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] | None,
+    one_message(f"stop must be a string or a list of at most {MAX_STOP} non-empty strings"),
+]
+
+
+class RequestBody(BaseModel):
+    """Strict: unknown fields and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(RequestBody):
+    include_usage: bool = False
+
+
+class SamplingFields(RequestBody):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = Field(None, description="Served model name; defaults to the only model served.")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="0 or -1 = off (extension).")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Stop = None
+    stop_token_ids: list[TokenId] | None = Field(None, description="Extension: token ids that end a continuation.")
+    ignore_eos: bool = Field(False, description="Extension: keep generating past EOS.")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Only 0 is supported.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    max_tokens: int = Field(16, ge=0, description="0 scores the prompt only (with echo).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="Only best_of == n is supported.")
+    suffix: str | None = Field(None, description="Not supported; must be empty.")
+
+
+class TextPart(RequestBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestBody):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(RequestBody):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=0, description="Default: the rest of the context.")
+    max_tokens: int | None = Field(None, ge=0, description="Deprecated alias of max_completion_tokens.")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+
+class TokenizeRequest(RequestBody):
+    """Either `prompt` (plain text) or `messages` (rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(RequestBody):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+# ----------------------------------------------------------------------------------------- responses
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, or (object the same, `usage` null until the last) one streamed chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hyla"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,141 @@
+"""The asyncio front end: streaming, cancellation frees the cache, overload, abort and draining shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hyla.convert.transfer import hybrid_from_teacher
+from hyla.runtime.async_engine import AsyncEngine, EngineOverloaded
+from hyla.runtime.engine import LLMEngine
+from hyla.runtime.engine_config import EngineConfig
+from hyla.runtime.sampling_params import SamplingParams
+from tests.tiny_models import tiny_teacher
+
+LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hybrid_from_teacher(tiny_teacher("llama"), ["gdn", "attention", "gla", "gdn"], seed=1)
+
+
+def make(model, max_waiting: int = 256, **kw) -> AsyncEngine:
+    return AsyncEngine(LLMEngine(model, None, EngineConfig(model="tiny", cache_memory="32MiB", **kw)), max_waiting)
+
+
+async def wait_free(engine: AsyncEngine, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        s = engine.stats()
+        if (s.kv_blocks_used, s.state_slots_used, s.num_running, s.num_waiting) == (0, 0, 0, 0):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"cache not freed: {engine.stats()}")
+
+
+def test_streams_deltas_equal_to_offline_output(model) -> None:
+    prompts = [[5, 6, 7, 8], list(range(3, 40))]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    offline = LLMEngine(model, None, EngineConfig(model="tiny", cache_memory="32MiB")).generate(prompts, params)
+
+    async def consume(engine: AsyncEngine, prompt: list[int]) -> tuple[list[int], list]:
+        ids, outs = [], []
+        async for out in engine.generate(prompt, params):
+            ids += out.outputs[0].token_ids_delta
+            outs.append(out)
+        return ids, outs
+
+    async def main() -> None:
+        engine = make(model)
+        await engine.start()
+        results = await asyncio.gather(*(consume(engine, p) for p in prompts))
+        for (ids, outs), ref in zip(results, offline):
+            assert ids == ref.outputs[0].token_ids == outs[-1].outputs[0].token_ids
+            assert outs[-1].finished and not any(o.finished for o in outs[:-1]) and len(outs) > 1
+        await engine.shutdown()
+        await wait_free(engine)
+
+    asyncio.run(main())
+
+
+def test_cancelled_consumers_free_the_cache(model) -> None:
+    async def main() -> None:
+        engine = make(model)
+        await engine.start()
+        stream = engine.generate([5, 6, 7], LONG)
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await stream.aclose()  # client disconnect
+        await wait_free(engine)
+
+        async def consume() -> None:
+            async for _ in engine.generate(list(range(3, 30)), LONG):
+                pass
+
+        task = asyncio.create_task(consume())
+        while engine.stats().state_slots_used == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_free(engine)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_bad_input_overload_and_abort(model) -> None:
+    async def main() -> None:
+        engine = make(model, max_waiting=2, max_num_seqs=1)
+        await engine.start()
+        with pytest.raises(ValueError, match="empty"):
+            await engine.generate([], LONG).__anext__()
+        running = engine.generate([5, 6], LONG, request_id="first")
+        await running.__anext__()  # admitted and decoding; it holds the only slot
+        waiting = [engine.generate([7, 8], LONG, request_id=f"w{i}") for i in range(2)]
+        tasks = [asyncio.create_task(w.__anext__()) for w in waiting]
+        await asyncio.sleep(0.05)
+        with pytest.raises(EngineOverloaded) as info:
+            await engine.generate([9], LONG).__anext__()
+        assert info.value.retry_after > 0
+        await engine.abort("first")
+        last = None
+        async for out in running:
+            last = out
+        assert last.finished and last.outputs[0].finish_reason == "abort"
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for w in waiting:
+            await w.aclose()
+        await wait_free(engine)
+        await engine.shutdown(drain=False)
+
+    asyncio.run(main())
+
+
+def test_shutdown_drains_in_flight_requests(model) -> None:
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+    async def consume(engine: AsyncEngine, prompt: list[int]):
+        last = None
+        async for out in engine.generate(prompt, params):
+            last = out
+        return last
+
+    async def main() -> None:
+        engine = make(model)
+        await engine.start()
+        tasks = [asyncio.create_task(consume(engine, [5 + i, 6, 7])) for i in range(3)]
+        await asyncio.sleep(0)  # let the requests be queued
+        await asyncio.sleep(0.01)
+        await engine.shutdown(drain=True)
+        finals = await asyncio.gather(*tasks)
+        assert all(f.finished and len(f.outputs[0].token_ids) == 20 for f in finals)
+        with pytest.raises(RuntimeError):
+            await engine.generate([5], params).__anext__()
+        await wait_free(engine)
+
+    asyncio.run(main())

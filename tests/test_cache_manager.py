@@ -1,0 +1,107 @@
+"""KV block allocation (refcounts, copy on write), state slots, and splitting the memory budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyla.runtime.block_manager import BlockManager
+from hyla.runtime.cache_budget import max_concurrent, parse_memory, plan_cache
+from hyla.runtime.config import HybridConfig
+from hyla.runtime.info import CacheSizes, cache_sizes
+from hyla.runtime.state_pool import StatePool
+
+
+def test_blocks_grow_fork_copy_on_write_and_free() -> None:
+    bm = BlockManager(num_blocks=6, block_size=4)
+    table: list[int] = []
+    assert bm.blocks_needed(table, 0, 10) == 3
+    assert bm.grow(table, 0, 10) == [] and len(table) == 3 and bm.num_free == 3
+    child = bm.fork(table)
+    assert child == table and bm.num_free == 3
+    # appending to the shared, half-full last block copies it first
+    assert bm.blocks_needed(child, 10, 11) == 1
+    copies = bm.grow(child, 10, 11)
+    assert copies == [(table[-1], child[-1])] and child[:2] == table[:2] and child[-1] != table[-1]
+    assert bm.grow(table, 10, 12) == []  # the parent's last block is no longer shared
+    bm.free(child)
+    assert bm.num_free == 3 - 1 + 1  # only the child's private block came back
+    bm.free(table)
+    assert bm.num_free == 6 and bm.num_used == 0
+    big: list[int] = []
+    assert not bm.can_grow(big, 0, 25)
+    with pytest.raises(RuntimeError):
+        bm.grow(big, 0, 25)
+    assert big == [] and bm.num_free == 6
+
+
+def test_full_shared_blocks_are_not_copied() -> None:
+    bm = BlockManager(num_blocks=4, block_size=4)
+    table: list[int] = []
+    bm.grow(table, 0, 8)
+    child = bm.fork(table)
+    assert bm.grow(child, 8, 9) == [] and child[:2] == table[:2] and len(child) == 3
+
+
+def tiny_hybrid_config() -> HybridConfig:
+    return HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=2, num_key_value_heads=1, layer_types=["gdn", "attention", "gla"])
+
+
+def test_state_slots_are_zeroed_when_reused_and_copied_on_fork() -> None:
+    pool = StatePool(tiny_hybrid_config(), num_slots=2, dtype=torch.float32, state_dtype=torch.bfloat16, device="cpu")
+    assert pool.recurrent.dtype == torch.bfloat16 and pool.recurrent.shape[:2] == (2, 2)
+    a = pool.allocate()
+    slots = torch.tensor([a])
+    conv, rec = pool.load(0, slots)
+    pool.store(0, slots, torch.ones_like(conv), torch.ones_like(rec))
+    pool.store(2, slots, torch.ones_like(conv), torch.ones_like(rec))
+    b = pool.allocate()
+    pool.copy(a, b)
+    assert bool((pool.recurrent[:, b] == 1).all()) and bool((pool.conv[:, b] == 1).all())
+    pool.free(a)
+    assert pool.num_free == 1 and pool.num_used == 1
+    again = pool.allocate()
+    assert again == a
+    assert not pool.recurrent[:, again].any() and not pool.conv[:, again].any()
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("2GiB") == 2 * 2**30
+    assert parse_memory("512MiB") == 512 * 2**20
+    assert parse_memory("1000000") == 1_000_000
+    assert parse_memory("1.5 GB") == 1_500_000_000
+    assert 0 < parse_memory("0.01") < parse_memory("0.02")
+    for bad in ("lots", "-1GiB", "2 parsecs", "0"):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+def test_plan_splits_by_real_needs_and_clamps() -> None:
+    sizes = CacheSizes(kv_bytes_per_token=100, state_bytes_per_sequence=10_000)
+    plan = plan_cache(sizes, budget=1_000_000, block_size=16, max_num_seqs=8, max_model_len=1024)
+    assert plan.num_slots == 8 and plan.state_bytes == 80_000
+    assert plan.num_blocks == (1_000_000 - 80_000) // 1600 and plan.kv_bytes + plan.state_bytes <= 1_000_000
+    assert plan.max_sequences(1024) == min(8, plan.num_blocks // 64)
+    assert not plan.notes
+    # too many sequences for the budget: slots clamp, start-up goes on
+    small = plan_cache(sizes, budget=300_000, block_size=16, max_num_seqs=64, max_model_len=1024)
+    assert small.num_slots == (300_000 - 64 * 1600) // 10_000 and "max_num_seqs" in small.report()
+    # not even one full-length sequence fits: the context length clamps too
+    tiny = plan_cache(sizes, budget=50_000, block_size=16, max_num_seqs=4, max_model_len=4096)
+    assert tiny.max_model_len < 4096 and tiny.num_slots >= 1 and tiny.num_blocks >= 1
+    assert "max_model_len" in tiny.report()
+    # no linear layers: every byte goes to KV; no softmax layers: blocks are free
+    assert plan_cache(CacheSizes(100, 0), 1_000_000, 16, 8, 1024).num_blocks == 1_000_000 // 1600
+    assert plan_cache(CacheSizes(0, 10_000), 50_000, 16, 8, 1024).num_slots == 5
+
+
+def test_hybrid_fits_more_sequences_than_teacher() -> None:
+    teacher = HybridConfig(vocab_size=64, hidden_size=576, intermediate_size=64, num_hidden_layers=8,
+                           num_attention_heads=9, num_key_value_heads=3)
+    hybrid = HybridConfig(**{**teacher.to_dict(), "layer_types": ["attention", "gdn", "gdn", "gdn"] * 2})
+    budget = 2 * 2**30
+    for tokens in (1024, 4096, 8192):
+        t = max_concurrent(cache_sizes(teacher, torch.float32), budget, tokens, 16)
+        h = max_concurrent(cache_sizes(hybrid, torch.float32), budget, tokens, 16)
+        assert h > t > 0

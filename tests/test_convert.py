@@ -1,0 +1,142 @@
+"""End-to-end conversion of tiny teachers: export, report, resume, determinism and selection quality."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hyla  # noqa: F401  (registers the hybrid with the Auto classes)
+from hyla.convert.pipeline import ConvertOptions, convert
+from hyla.runtime.loading import load_model
+from tests.test_convert_helpers import ESSENTIAL, TINY_BUDGET, copy_corpus, run_convert, teacher_dir
+
+
+def _overrides() -> dict[str, str]:
+    return dict(TINY_BUDGET[i + 1].split("=") for i in range(0, len(TINY_BUDGET), 2))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("convert")
+    os.environ["HYLA_CACHE"] = str(root / "cache")
+    teacher_dir(root / "teacher", essential=ESSENTIAL)
+    copy_corpus(root / "corpus.txt")
+    return root
+
+
+def _options(root: Path, out: str, **kw) -> ConvertOptions:
+    base = dict(
+        teacher=str(root / "teacher"), out=root / out, data=str(root / "corpus.txt"), softmax_layers=1,
+        overrides=_overrides(), quiet=True,
+    )
+    return ConvertOptions(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def converted(workdir: Path) -> Path:
+    """One full kl-guided conversion of the essential-layer teacher (reused by several tests)."""
+    began = time.perf_counter()
+    convert(_options(workdir, "kl"))
+    assert time.perf_counter() - began < 120
+    return workdir / "kl"
+
+
+def test_checkpoint_loads_and_generates(converted: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    assert model.config.model_type == "hyla_hybrid"
+    assert model.config.layer_types.count("attention") == 1
+    assert load_model(converted).config.layer_types == model.config.layer_types
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 9)
+    info = subprocess.run([sys.executable, "-m", "hyla", "info", str(converted), "--json"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)
+
+
+def test_report_has_everything(converted: Path) -> None:
+    report = json.loads((converted / "conversion_report.json").read_text())
+    assert (converted / "conversion_report.png").stat().st_size > 10_000
+    assert len(report["selection"]["probes"][0]) == 4
+    for stage in ("stage1", "stage2"):
+        assert report["stages"][stage]["tokens"] > 0 and report["stages"][stage]["curve"]
+        assert report["stages"][stage]["tokens_per_s"] > 0
+    held = report["heldout"]
+    assert set(held) == {"teacher", "untrained_transfer", "result"}
+    assert held["result"]["kl"] < held["untrained_transfer"]["kl"]
+    assert held["teacher"]["ppl"] > 1
+
+
+def test_kl_guided_ranks_essential_layer_first_and_uniform_misses_it(converted: Path, workdir: Path) -> None:
+    report = json.loads((converted / "conversion_report.json").read_text())
+    scores = {int(k): v["kl"] for k, v in report["selection"]["probes"][0].items()}
+    assert min(scores, key=scores.get) == ESSENTIAL, scores
+    assert report["selection"]["selected"] == [ESSENTIAL]
+    convert(_options(workdir, "uniform", selection="uniform"))
+    uniform = json.loads((workdir / "uniform" / "conversion_report.json").read_text())
+    assert uniform["selection"]["selected"] != [ESSENTIAL]
+    # keeping the essential layer is what makes the hybrid close to the teacher
+    assert report["heldout"]["result"]["kl"] < uniform["heldout"]["result"]["kl"]
+
+
+def test_rerun_is_a_noop_and_other_settings_are_refused(converted: Path, workdir: Path) -> None:
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    began = time.perf_counter()
+    convert(_options(workdir, "kl"))
+    assert time.perf_counter() - began < 5
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other settings"):
+        convert(_options(workdir, "kl", seed=1))
+
+
+def test_same_seed_same_layers_and_multiprocess_matches(converted: Path, workdir: Path) -> None:
+    """Two processes (gloo): probes fan out, stage 2 under DDP; the selection equals the single run's."""
+    args = [
+        "--teacher", str(workdir / "teacher"), "--out", str(workdir / "ddp"), "--data", str(workdir / "corpus.txt"),
+        "--softmax-layers", "1", "--quiet", "--nproc", "2", *TINY_BUDGET,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hyla", "convert", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads((converted / "conversion_report.json").read_text())
+    multi = json.loads((workdir / "ddp" / "conversion_report.json").read_text())
+    assert multi["processes"] == 2
+    assert multi["selection"]["selected"] == single["selection"]["selected"]
+    ranks = {int(k) for k in multi["selection"]["probes"][0]}
+    assert ranks == {0, 1, 2, 3}
+    s_kl = {k: v["kl"] for k, v in single["selection"]["probes"][0].items()}
+    m_kl = {k: v["kl"] for k, v in multi["selection"]["probes"][0].items()}
+    assert all(abs(s_kl[k] - m_kl[k]) <= 1e-3 * max(1.0, abs(s_kl[k])) for k in s_kl), (s_kl, m_kl)
+
+
+def test_killed_mid_selection_resumes_without_redoing_probes(workdir: Path) -> None:
+    out = workdir / "killed"
+    args = [
+        "--teacher", str(workdir / "teacher"), "--out", str(out), "--data", str(workdir / "corpus.txt"),
+        "--softmax-layers", "1", "--quiet", *TINY_BUDGET, "--set", "probe_tokens=8192",
+    ]
+    proc = subprocess.Popen([sys.executable, "-m", "hyla.convert", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    probes = out / "probes"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(probes.glob("layer_*.json"))) < 1 and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in probes.glob("layer_*.json")}
+    assert 1 <= len(finished) < 4, "the kill should land mid-selection"
+    result = run_convert(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, (mtime, text) in finished.items():
+        assert (probes / name).stat().st_mtime_ns == mtime and (probes / name).read_text() == text
+    assert len(list(probes.glob("layer_*.json"))) == 4
+    assert (out / "conversion_report.json").is_file()
