@@ -1,6 +1,8 @@
 # Two entry points: `make run` (the main job) and `make test`. Both set up what they need first.
 PYTHON ?= python3
 STAMP := .setup-done
+TEACHER ?= smollm2-135m
+HYBRID ?= runs/smollm2-hybrid
 
 .PHONY: setup run test
 
@@ -10,9 +12,10 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 setup: $(STAMP)
 
+# Convert the bundled teacher on the quick budget (resumes / skips when already done), then serve it.
 run: $(STAMP)
-	hyla info smollm2-135m
-	hyla generate smollm2-135m --chat --prompt "What is the capital of France?" --max-new-tokens 24
+	hyla convert --teacher $(TEACHER) --out $(HYBRID) --budget quick
+	hyla serve $(HYBRID) --served-model-name smollm2-hybrid
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

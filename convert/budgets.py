@@ -16,17 +16,17 @@ class Budget:
     """How much of everything one conversion spends. Token counts are totals over all processes."""
 
     seq_len: int = 256
-    batch_size: int = 8
-    heldout_tokens: int = 4096
+    batch_size: int = 4
+    heldout_tokens: int = 2048
     """Held-out tokens used for the final KL / perplexity report."""
-    probe_eval_tokens: int = 2048
+    probe_eval_tokens: int = 512
     """Held-out tokens each selection probe is scored on (a prefix of the held-out split)."""
-    stage1_tokens: int = 32768
-    stage1_lr: float = 1e-3
+    stage1_tokens: int = 16384
+    stage1_lr: float = 2e-3
     probe_tokens: int = 0
     """Stage-2 tokens each probe trains for before scoring; 0 scores the stage-1 student as is."""
     probe_lr: float = 1e-4
-    stage2_tokens: int = 16384
+    stage2_tokens: int = 4096
     stage2_lr_mixer: float = 1e-4
     stage2_lr_rest: float = 7e-6
     stage3_tokens: int = 0

@@ -29,7 +29,9 @@ def convert(
     softmax_layers: int = typer.Option(None, help="Number K of layers that keep softmax attention."),
     softmax_ratio: float = typer.Option(0.25, help="K as a fraction of the layers (when --softmax-layers is unset)."),
     selection: str = typer.Option("kl-guided", help="kl-guided, uniform, greedy-iterative or layers:i,j,…"),
-    data: str = typer.Option("default", help="default (built-in offline corpus), PATH (txt/jsonl/parquet/dir) or hf:NAME[:config]."),
+    data: str = typer.Option(
+        "default", help="default (built-in offline corpus), PATH (txt/jsonl/parquet/dir) or hf:NAME[:config]."
+    ),
     budget: str = typer.Option("quick", help=f"Preset of token counts / lrs / lengths: {', '.join(BUDGETS)}."),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a budget field, e.g. --set stage2_tokens=2e6 --set seq_len=512 (repeatable)."
@@ -61,10 +63,11 @@ def convert(
             quiet=quiet,
         )
         report = run(options)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(str(report))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(str(report))
 
 
 def main() -> None:

@@ -120,13 +120,13 @@ def prepare_blocks(
 ) -> TokenBlocks:
     """Tokenised, packed and split data for a spec (cached on disk)."""
     vocab = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
-    key_src = json.dumps([_source_stamp(spec), vocab, seq_len, heldout_tokens, seed, spec.startswith("hf:") and train_tokens])
+    streamed = spec.startswith("hf:") and train_tokens  # how much of a hub dataset was read
+    key_src = json.dumps([_source_stamp(spec), vocab, seq_len, heldout_tokens, seed, streamed])
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     folder = cache_root() / "data" / key
     if (folder / "meta.json").is_file():
-        return TokenBlocks(
-            torch.load(folder / "train.pt"), torch.load(folder / "heldout.pt"), json.loads((folder / "meta.json").read_text())
-        )
+        meta = json.loads((folder / "meta.json").read_text())
+        return TokenBlocks(torch.load(folder / "train.pt"), torch.load(folder / "heldout.pt"), meta)
     docs = read_documents(spec, train_tokens + heldout_tokens)
     if not docs:
         raise ValueError(f"data {spec!r} holds no documents")
@@ -139,7 +139,9 @@ def prepare_blocks(
         held.append(order.pop())
         total += len(ids[held[-1]])
     if not order:
-        raise ValueError(f"data {spec!r} is too small: held-out split of {heldout_tokens} tokens leaves no training data")
+        raise ValueError(
+            f"data {spec!r} is too small: a held-out split of {heldout_tokens} tokens leaves no training data"
+        )
     heldout, train = pack([ids[i] for i in sorted(held)], seq_len), pack([ids[i] for i in sorted(order)], seq_len)
     heldout = heldout[: max(1, heldout_tokens // seq_len)]
     if train.shape[0] == 0:

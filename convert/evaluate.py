@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -42,9 +43,17 @@ class TeacherReference:
 
 @torch.no_grad()
 def score(
-    model: PreTrainedModel, ref: TeacherReference, batch_size: int, chunk: int, with_kl: bool = True
+    model: PreTrainedModel,
+    ref: TeacherReference,
+    batch_size: int,
+    chunk: int,
+    with_kl: bool = True,
+    forward: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """`{"kl": mean per-token KL vs the teacher, "ppl": perplexity, "tokens": n}` on the reference blocks."""
+    """`{"kl": mean per-token KL vs the teacher, "ppl": perplexity, "tokens": n}` on the reference blocks.
+
+    `forward(ids, first_block)` replaces the model's own forward (final hidden states) when given.
+    """
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
@@ -53,7 +62,7 @@ def score(
     for start in range(0, ref.blocks.shape[0], batch_size):
         ids = ref.blocks[start : start + batch_size].to(device)
         with autocast(device):
-            hidden = final_hidden(model, ids)
+            hidden = final_hidden(model, ids) if forward is None else forward(ids, start)
             t_hidden = ref.hidden[start : start + batch_size] if with_kl else None
             n, k, c = chunked_nll_kl(hidden, t_hidden, model.lm_head.weight, ref.head if with_kl else None, ids, chunk)
         nll, kl, count = nll + n, kl + k, count + c

@@ -69,7 +69,8 @@ def train_loop(
         saved = torch.load(checkpoint, map_location=dist.device, weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        start, result = saved["step"], StageResult([tuple(p) for p in saved["curve"]], saved["tokens"], saved["seconds"])
+        curve = [tuple(p) for p in saved["curve"]]
+        start, result = saved["step"], StageResult(curve, saved["tokens"], saved["seconds"])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     bar = tqdm(
         total=steps, initial=start, desc=name, unit="step", disable=quiet or not dist.is_main, file=sys.stderr,
@@ -96,7 +97,8 @@ def train_loop(
             eta = (steps - step - 1) * result.seconds / max(1, step + 1 - start)
             print(f"[{name}] step {step + 1}/{steps} loss {loss:.4f} {rate:.0f} tok/s eta {eta:.0f}s", file=sys.stderr)
         last = step + 1 == steps
-        if checkpoint is not None and dist.is_main and (last or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+        due = last or (checkpoint_every and (step + 1) % checkpoint_every == 0)
+        if checkpoint is not None and dist.is_main and due:
             _save(checkpoint, model, optimizer, step + 1, result)
     bar.close()
     model.eval()

@@ -77,19 +77,26 @@ class Pipeline:
         path = self.state / f"step_{STEPS.index(step)}_{step}.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def begin(self, step: str) -> dict | None:
+        """`done(step)` as every rank sees it: no rank can mark the step before all have looked."""
+        self.dist.barrier()
+        summary = self.done(step)
+        self.dist.barrier()
+        return summary
+
     def mark(self, step: str, summary: dict) -> dict:
         if self.dist.is_main:
             self.state.mkdir(parents=True, exist_ok=True)
             path = self.state / f"step_{STEPS.index(step)}_{step}.json"
             path.with_suffix(".tmp").write_text(json.dumps(summary, indent=2))
             path.with_suffix(".tmp").rename(path)
-        self.dist.barrier()
         return summary
 
     def _pin_settings(self) -> None:
         path = self.out / "convert_settings.json"
         settings = self.opt.settings()
-        if path.is_file():
+        started = any(self.state.glob("step_*.json"))
+        if path.is_file() and started:
             before = json.loads(path.read_text())
             if before != settings:
                 diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
@@ -97,10 +104,11 @@ class Pipeline:
                     f"{self.out} holds a conversion with other settings {diff} (was, now); "
                     "rerun with the same settings to resume, or choose another --out"
                 )
-        elif self.dist.is_main:
+        elif not path.is_file():
             if self.out.exists() and any(self.out.iterdir()):
                 raise ValueError(f"{self.out} exists, is not empty and holds no conversion; choose another --out")
             self.out.mkdir(parents=True, exist_ok=True)
+        if not started:  # nothing done yet: (re)pin, so a run that failed on bad input can be fixed
             path.write_text(json.dumps(settings, indent=2))
 
     # -- the run -----------------------------------------------------------------------------
@@ -111,7 +119,7 @@ class Pipeline:
             if self.dist.is_main:
                 self._pin_settings()
             self.dist.barrier()
-            if self.done("export"):
+            if self.begin("export"):
                 self.log(f"{self.out} is already converted; nothing to do")
                 return self.out / "conversion_report.json"
             return self._run_steps()
@@ -120,7 +128,7 @@ class Pipeline:
 
     def _run_steps(self) -> Path:
         began = time.perf_counter()
-        b, dev = self.budget, self.dist.device
+        dev = self.dist.device
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         self.teacher = load_model(self.opt.teacher, dtype, dev)
         for p in self.teacher.parameters():
@@ -128,7 +136,9 @@ class Pipeline:
         self.tokenizer = load_tokenizer(self.opt.teacher)
         num_layers = self.teacher.config.num_hidden_layers
         method, explicit = parse_selection(self.opt.selection, num_layers)
-        k = len(explicit) if explicit is not None else softmax_count(num_layers, self.opt.softmax_layers, self.opt.softmax_ratio)
+        k = len(explicit) if explicit is not None else softmax_count(
+            num_layers, self.opt.softmax_layers, self.opt.softmax_ratio
+        )
 
         data = self._data()
         train = data.train
@@ -150,14 +160,14 @@ class Pipeline:
         self.dist.barrier()
         if not self.dist.is_main:
             blocks = prepare_blocks(*args)
-        if not self.done("data"):
+        if not self.begin("data"):
             self.log(f"data: {blocks.meta['train_tokens']:,} train / {blocks.meta['heldout_tokens']:,} held-out tokens")
             self.mark("data", blocks.meta)
         return blocks
 
     def _reference(self, heldout: torch.Tensor) -> TeacherReference:
         path = self.out / "teacher" / "heldout_hidden.pt"
-        if self.done("teacher") and path.is_file():
+        if self.begin("teacher") and path.is_file():
             hidden = torch.load(path, map_location=self.dist.device)
             return TeacherReference(heldout, hidden, self.teacher.lm_head.weight.detach())
         began = time.perf_counter()
@@ -173,7 +183,7 @@ class Pipeline:
 
     def _stage1(self, train: torch.Tensor) -> Path:
         path = self.out / "stage1" / "mixers.safetensors"
-        if self.done("stage1"):
+        if self.begin("stage1"):
             return path
         b = self.budget
         torch.manual_seed(self.opt.seed)
@@ -190,7 +200,7 @@ class Pipeline:
         return path
 
     def _selection(self, method, explicit, k, mixers, train, ref) -> list[int]:
-        summary = self.done("selection")
+        summary = self.begin("selection")
         if summary:
             return summary["selected"]
         if method == "layers":
@@ -210,7 +220,7 @@ class Pipeline:
     def _stage2(self, selected: list[int], mixers: Path, train: torch.Tensor):
         path = self.out / "stage2" / "student.pt"
         student = make_student(self.teacher, selected, self.opt.linear, self.opt.seed, mixers).to(self.dist.device)
-        if self.done("stage2"):
+        if self.begin("stage2"):
             student.load_state_dict(torch.load(path, map_location=self.dist.device))
             return student
         b = self.budget
@@ -230,7 +240,7 @@ class Pipeline:
     def _stage3(self, student, train: torch.Tensor):
         b = self.budget
         path = self.out / "stage3" / "student.pt"
-        summary = self.done("stage3")
+        summary = self.begin("stage3")
         if summary:
             if not summary.get("skipped"):
                 student.load_state_dict(torch.load(path, map_location=self.dist.device))
@@ -252,6 +262,7 @@ class Pipeline:
 
     def _export(self, student, selected: list[int], ref: TeacherReference, began: float) -> Path:
         b = self.budget
+        self.begin("export")
         metrics = {"teacher": {k: v for k, v in self.done("teacher").items() if k in ("kl", "ppl", "tokens")}}
         untrained = make_student(self.teacher, selected, self.opt.linear, self.opt.seed).to(self.dist.device)
         metrics["untrained_transfer"] = score(untrained, ref, b.batch_size, b.kl_chunk_tokens)
@@ -260,9 +271,9 @@ class Pipeline:
         report_path = self.out / "conversion_report.json"
         if self.dist.is_main:
             student.generation_config = self.teacher.generation_config
-            student.save_pretrained(self.out)
+            student.to(self.teacher.dtype).save_pretrained(self.out)  # bf16 on CUDA, fp32 on CPU
             self.tokenizer.save_pretrained(self.out)
-            stages = {name: self.done(name) for name in ("stage1", "stage2", "stage3") if not self.done(name).get("skipped")}
+            stages = {n: self.done(n) for n in ("stage1", "stage2", "stage3") if not self.done(n).get("skipped")}
             previous = sum(s.get("seconds", 0) for s in (self.done(n) or {} for n in STEPS))
             report = {
                 "teacher": self.opt.teacher,

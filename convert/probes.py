@@ -21,7 +21,9 @@ from hyla.convert.data import BatchStream
 from hyla.convert.distributed import Dist
 from hyla.convert.evaluate import TeacherReference, score
 from hyla.convert.stage2 import run_stage2
-from hyla.convert.students import make_student
+from hyla.convert.students import autocast, hidden_from, layer_inputs, make_student
+
+PREFIX_CACHE_BYTES = 2 << 30
 
 
 def probe_path(folder: Path, layer: int) -> Path:
@@ -41,9 +43,35 @@ class ProbeRunner:
     reference: TeacherReference
     dist: Dist
     quiet: bool = False
+    _prefix: tuple[tuple[int, ...], list[list[torch.Tensor]]] | None = None
 
-    def probe(self, softmax: list[int]) -> dict:
-        """Score the stage-1 student with `softmax` layers restored (after a short stage 2)."""
+    def _shared_prefix(self, base: list[int]) -> list[list[torch.Tensor]] | None:
+        """Per batch, the residual stream entering each layer of the base student (zero-step probes only).
+
+        A zero-step probe differs from the base student only from its restored layer on, so it runs
+        just those layers. None when probes train or the cache would be too large.
+        """
+        if self.budget.probe_tokens:
+            return None
+        cfg = self.teacher.config
+        size = self.reference.blocks.numel() * cfg.hidden_size * cfg.num_hidden_layers * 4
+        if size > PREFIX_CACHE_BYTES:
+            return None
+        if self._prefix is None or self._prefix[0] != tuple(base):
+            student = make_student(self.teacher, base, self.linear, self.seed, self.mixers).to(self.dist.device)
+            bs, blocks = self.budget.batch_size, self.reference.blocks
+            with torch.no_grad(), autocast(self.dist.device):
+                cached = [
+                    layer_inputs(student, blocks[i : i + bs].to(self.dist.device)) for i in range(0, len(blocks), bs)
+                ]
+            self._prefix = (tuple(base), cached)
+        return self._prefix[1]
+
+    def probe(self, softmax: list[int], layer: int | None = None, base: list[int] | None = None) -> dict:
+        """Score the stage-1 student with `softmax` layers restored (after a short stage 2).
+
+        `layer`/`base`: `softmax` is `base` plus `layer`, so a zero-step probe can reuse the base prefix.
+        """
         began = time.perf_counter()
         torch.manual_seed(self.seed)
         student = make_student(self.teacher, softmax, self.linear, self.seed, self.mixers)
@@ -58,7 +86,12 @@ class ProbeRunner:
                 self.budget.kl_chunk_tokens, local, self.budget.warmup_steps, quiet=True,
             )
             curve = result.curve
-        metrics = score(student, self.reference, self.budget.batch_size, self.budget.kl_chunk_tokens)
+        prefix = self._shared_prefix(base) if layer is not None and base is not None else None
+        forward = None
+        if prefix is not None:
+            bs = self.budget.batch_size
+            forward = lambda ids, first: hidden_from(student, prefix[first // bs][layer], ids, layer)  # noqa: E731
+        metrics = score(student, self.reference, self.budget.batch_size, self.budget.kl_chunk_tokens, forward=forward)
         return {
             "softmax_layers": sorted(softmax),
             "kl": metrics["kl"],
@@ -78,7 +111,7 @@ class ProbeRunner:
         bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=label, unit="probe",
                    disable=self.quiet or not self.dist.is_main)
         for layer in pending:
-            result = {"layer": layer, **self.probe(sorted({*base, layer}))}
+            result = {"layer": layer, **self.probe(sorted({*base, layer}), layer, base)}
             tmp = probe_path(folder, layer).with_suffix(".tmp")
             tmp.write_text(json.dumps(result))
             tmp.rename(probe_path(folder, layer))

@@ -36,6 +36,33 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tenso
     return model.model(input_ids=input_ids).last_hidden_state
 
 
+def _dense_context(model: HybridForCausalLM, input_ids: torch.Tensor, dtype: torch.dtype) -> DenseContext:
+    b, t = input_ids.shape
+    pos = torch.arange(t, device=input_ids.device).expand(b, t)
+    ctx = DenseContext(pos)
+    ctx.rope = model.model.rotary_emb.cos_sin(pos, dtype)
+    return ctx
+
+
+def layer_inputs(model: HybridForCausalLM, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The residual stream entering each layer of a hybrid `[B, T, H]` (L tensors)."""
+    x = model.model.embed_tokens(input_ids)
+    ctx = _dense_context(model, input_ids, x.dtype)
+    inputs = []
+    for layer in model.model.layers:
+        inputs.append(x)
+        x = layer(x, ctx)
+    return inputs
+
+
+def hidden_from(model: HybridForCausalLM, x: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Final hidden states, running only layers `start…` on the residual stream `x` entering `start`."""
+    ctx = _dense_context(model, input_ids, x.dtype)
+    for layer in model.model.layers[start:]:
+        x = layer(x, ctx)
+    return model.model.norm(x)
+
+
 def save_mixers(student: HybridForCausalLM, path: Path) -> None:
     """Save the linear-attention mixers (`layers.{i}.…`) of a student."""
     state = {

@@ -118,10 +118,13 @@ def run(
     from hyla.evals.recall import default_lengths
 
     names = expand_tasks(tasks)
-    lm = HylaLM(
-        pretrained=model, batch_size=batch_size, device=device, dtype=dtype,
-        max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
-    )
+    try:
+        lm = HylaLM(
+            pretrained=model, batch_size=batch_size, device=device, dtype=dtype,
+            max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
+        )
+    except (OSError, ValueError) as exc:
+        raise fail(f"cannot load {model!r}: {exc}") from exc
     lengths = [int(n) for n in recall_lengths.split(",")] if recall_lengths else default_lengths(lm.max_length)
     limit_arg = int(limit) if limit is not None and limit >= 1 else limit
     results = evaluate(lm, names, limit_arg, num_fewshot, lengths, recall_samples, tokenizer=model)
@@ -275,3 +278,36 @@ def report(
               f"{f' (limit {int(limit)})' if limit else ''}; decode = {new_tokens} tokens per sequence.")
     path = write_report(reports, ctx_list, batch_list, budget, out, header)
     typer.echo(path.read_text())
+
+
+@eval_app.command("perplexity")
+def perplexity(
+    model: str = typer.Argument(..., help="The model scored (a hybrid, or any loadable model)."),
+    teacher: str = typer.Option(None, help="Also report KL(teacher ‖ model) per token against this model."),
+    text: Path = typer.Option(None, help="A UTF-8 text file to score."),
+    heldout: Path = typer.Option(None, help="A conversion's held-out split: heldout.pt or its folder."),
+    seq_len: int = typer.Option(1024, help="Block length when scoring --text."),
+    max_blocks: int = typer.Option(None, help="Score at most this many blocks."),
+    batch_size: int = typer.Option(4, help="Blocks per forward pass."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", help="Weights dtype."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Held-out perplexity of MODEL, and KL(teacher ‖ MODEL) if --teacher is given."""
+    from hyla.evals.perplexity import heldout_blocks, score_blocks, text_blocks
+    from hyla.runtime.loading import load_model, load_tokenizer, parse_dtype
+
+    if (text is None) == (heldout is None):
+        raise fail("give exactly one of --text or --heldout")
+    try:
+        blocks = text_blocks(text, load_tokenizer(model), seq_len, max_blocks) if text else heldout_blocks(heldout, max_blocks)
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    student = load_model(model, parse_dtype(dtype), device)
+    reference = load_model(teacher, parse_dtype(dtype), device) if teacher else None
+    score = score_blocks(student, blocks, reference, batch_size, quiet)
+    typer.echo(f"tokens scored  {score.tokens:,}")
+    typer.echo(f"nll / token    {score.nll:.4f}")
+    typer.echo(f"perplexity     {score.perplexity:.3f}")
+    if score.kl is not None:
+        typer.echo(f"KL(teacher‖model) / token  {score.kl:.5f}")

@@ -126,7 +126,8 @@ def bench_engine(
     typer.echo(f"\ncapacity: max concurrent sequences in {fmt_bytes(budget)} ({dtype} KV, fp32 state, 16-token blocks)")
     typer.echo(f"{'model':<22} {'layers':<32} " + " ".join(f"{n:>6}" for n in REPORT_LENGTHS))
     for r in capacity:
-        typer.echo(f"{r['model']:<22} {r['layers']:<32} " + " ".join(f"{r[f'max_seqs_{n}']:>6}" for n in REPORT_LENGTHS))
+        counts = " ".join(f"{r[f'max_seqs_{n}']:>6}" for n in REPORT_LENGTHS)
+        typer.echo(f"{r['model']:<22} {r['layers']:<32} {counts}")
     result = {
         "model": model, "device": device, "dtype": dtype, "prompt_len": prompt_len, "max_tokens": max_tokens,
         "cache_memory_bytes": budget, "throughput": throughput, "capacity": capacity,

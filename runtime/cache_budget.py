@@ -96,8 +96,8 @@ class CachePlan:
             f"cache budget {fmt_bytes(self.budget_bytes)}: {self.num_blocks} KV blocks of {self.block_size} tokens "
             f"({fmt_bytes(self.kv_bytes)}) + {self.num_slots} linear-state slots ({fmt_bytes(self.state_bytes)})",
             "sequences that fit at once: " + ", ".join(
-                f"{n} tokens: {self.max_sequences(n)}" for n in (*lengths, self.max_model_len)
-                if n <= self.max_model_len
+                f"{n} tokens: {self.max_sequences(n)}"
+                for n in sorted({*lengths, self.max_model_len}) if n <= self.max_model_len
             ) + f" (max_model_len {self.max_model_len})",
         ]
         return "\n".join(lines + self.notes)

@@ -54,9 +54,15 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Serves many requests of one model at once within one cache budget."""
+    """Serves many requests of one model at once within one cache budget.
 
-    def __init__(self, model: HybridForCausalLM, tokenizer: PreTrainedTokenizerBase | None, config: EngineConfig) -> None:
+    The model is moved to `config.device` / `config.dtype` in place; a teacher is wrapped as its
+    all-softmax hybrid (same weights). `tokenizer` may be None for token-id-only use.
+    """
+
+    def __init__(
+        self, model: HybridForCausalLM, tokenizer: PreTrainedTokenizerBase | None, config: EngineConfig
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         dtype, state_dtype = parse_dtype(config.dtype), parse_dtype(config.state_dtype)
@@ -215,7 +221,7 @@ class LLMEngine:
         if request.prompt_logprobs is not None:
             first = max(chunk.start, len(request.prompt_logprobs) - 1)
             rows = list(range(first - chunk.start, min(end, request.num_prompt_tokens - 1) - chunk.start))
-        if end == seq.num_tokens and (not rows or rows[-1] != chunk.num_tokens - 1):
+        if end == seq.num_tokens:
             rows.append(chunk.num_tokens - 1)
         return rows
 
@@ -289,12 +295,11 @@ class LLMEngine:
         self.scheduler.remove(seq)
 
     def _output(self, request: Request) -> RequestOutput:
-        completions = []
-        for i in range(request.params.n):
-            seq = request.seqs[min(i, len(request.seqs) - 1)]
-            completions.append(self._completion(seq, i) if i < len(request.seqs) else CompletionOutput(
-                index=i, logprobs=[] if request.params.logprobs is not None else None, finish_reason=seq.finish_reason
-            ))
+        completions = [self._completion(seq) for seq in request.seqs]
+        completions += [  # n > 1 with max_tokens 0: siblings were never forked
+            CompletionOutput(index=i, logprobs=completions[0].logprobs, finish_reason=completions[0].finish_reason)
+            for i in range(len(completions), request.params.n)
+        ]
         metrics = {"arrival": request.arrival}
         if request.first_token_time is not None:
             metrics["first_token"] = request.first_token_time
@@ -311,11 +316,11 @@ class LLMEngine:
             metrics=metrics,
         )
 
-    def _completion(self, seq: Sequence, index: int) -> CompletionOutput:
+    def _completion(self, seq: Sequence) -> CompletionOutput:
         ids = seq.output_ids
         text = seq.detokenizer.visible(seq.finished) if seq.detokenizer is not None else ""
         out = CompletionOutput(
-            index=index,
+            index=seq.index,
             text=text,
             token_ids=list(ids),
             text_delta=text[seq.sent_text :],
@@ -335,7 +340,11 @@ class LLMEngine:
         params: SamplingParams | list[SamplingParams],
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Run prompts to completion; final outputs in input order. Nothing is queued if any is invalid."""
+        """Run prompts to completion; final outputs in input order. Nothing is queued if any is invalid.
+
+        Steps the engine until these requests finish; outputs of other requests added meanwhile are
+        not returned (use `step()` to serve several callers).
+        """
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")

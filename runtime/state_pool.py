@@ -63,7 +63,9 @@ class StatePool:
         conv = None if self.conv is None else self.conv[i, slots]
         return conv, self.recurrent[i, slots]
 
-    def store(self, layer_idx: int, slots: torch.Tensor, conv: torch.Tensor | None, recurrent: torch.Tensor | None) -> None:
+    def store(
+        self, layer_idx: int, slots: torch.Tensor, conv: torch.Tensor | None, recurrent: torch.Tensor | None
+    ) -> None:
         i = self.layer_index[layer_idx]
         if conv is not None and self.conv is not None:
             self.conv[i].index_copy_(0, slots, conv.to(self.conv.dtype))

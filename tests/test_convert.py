@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 import hyla  # noqa: F401  (registers the hybrid with the Auto classes)
+from hyla.cli import app
 from hyla.convert.pipeline import ConvertOptions, convert
 from hyla.runtime.loading import load_model
-from tests.test_convert_helpers import ESSENTIAL, TINY_BUDGET, copy_corpus, run_convert, teacher_dir
+from tests.test_convert_helpers import (
+    ESSENTIAL, TINY_BUDGET, copy_corpus, run_convert, single_thread, single_thread_env, teacher_dir,
+)
 
 
 def _overrides() -> dict[str, str]:
@@ -25,12 +29,18 @@ def _overrides() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("convert")
+    before = os.environ.get("HYLA_CACHE")
     os.environ["HYLA_CACHE"] = str(root / "cache")
     teacher_dir(root / "teacher", essential=ESSENTIAL)
     copy_corpus(root / "corpus.txt")
-    return root
+    with single_thread():
+        yield root
+    if before is None:
+        os.environ.pop("HYLA_CACHE")
+    else:
+        os.environ["HYLA_CACHE"] = before
 
 
 def _options(root: Path, out: str, **kw) -> ConvertOptions:
@@ -57,9 +67,9 @@ def test_checkpoint_loads_and_generates(converted: Path) -> None:
     assert load_model(converted).config.layer_types == model.config.layer_types
     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 9)
-    info = subprocess.run([sys.executable, "-m", "hyla", "info", str(converted), "--json"], capture_output=True, text=True)
-    assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)
+    info = CliRunner().invoke(app, ["info", str(converted), "--json"])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["softmax_layers"] == [ESSENTIAL]
 
 
 def test_report_has_everything(converted: Path) -> None:
@@ -103,9 +113,8 @@ def test_same_seed_same_layers_and_multiprocess_matches(converted: Path, workdir
         "--teacher", str(workdir / "teacher"), "--out", str(workdir / "ddp"), "--data", str(workdir / "corpus.txt"),
         "--softmax-layers", "1", "--quiet", "--nproc", "2", *TINY_BUDGET,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "hyla", "convert", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "hyla", "convert", *args], capture_output=True, text=True,
+                          env=single_thread_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = json.loads((converted / "conversion_report.json").read_text())
     multi = json.loads((workdir / "ddp" / "conversion_report.json").read_text())
@@ -122,14 +131,14 @@ def test_killed_mid_selection_resumes_without_redoing_probes(workdir: Path) -> N
     out = workdir / "killed"
     args = [
         "--teacher", str(workdir / "teacher"), "--out", str(out), "--data", str(workdir / "corpus.txt"),
-        "--softmax-layers", "1", "--quiet", *TINY_BUDGET, "--set", "probe_tokens=8192",
+        "--softmax-layers", "1", "--quiet", *TINY_BUDGET, "--set", "probe_tokens=1024",
     ]
     proc = subprocess.Popen([sys.executable, "-m", "hyla.convert", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.DEVNULL, env=single_thread_env())
     probes = out / "probes"
     deadline = time.time() + 180
     while time.time() < deadline and len(list(probes.glob("layer_*.json"))) < 1 and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in probes.glob("layer_*.json")}

@@ -8,13 +8,23 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from hyla.convert.budgets import get_budget
+from hyla.convert.corpus import SOURCES
 from hyla.convert.data import BatchStream, prepare_blocks
 from hyla.convert.distributed import Dist
+from hyla.convert.evaluate import TeacherReference
 from hyla.convert.kl import chunked_kl
+from hyla.convert.probes import ProbeRunner
 from hyla.convert.selection import parse_selection, uniform_layers
 from hyla.convert.stage1 import run_stage1
-from hyla.convert.students import make_student
+from hyla.convert.students import make_student, save_mixers
+from tests.test_convert_helpers import single_thread
 from tests.tiny_models import tiny_teacher, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -55,7 +65,23 @@ def test_stage1_loss_falls() -> None:
     # only linear-attention parameters changed
     fresh = make_student(teacher, [], "gdn", seed=0)
     torch.testing.assert_close(student.model.layers[0].mlp.up_proj.weight, fresh.model.layers[0].mlp.up_proj.weight)
-    assert not torch.equal(student.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight)
+    q_new, q_old = student.model.layers[0].self_attn.q_proj.weight, fresh.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_new, q_old)
+
+
+def test_zero_step_probe_prefix_reuse_scores_like_a_full_forward(tmp_path) -> None:
+    teacher = tiny_teacher("llama")
+    base = make_student(teacher, [], "gdn", seed=0)
+    save_mixers(base, tmp_path / "mixers.safetensors")
+    blocks = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    budget = get_budget("quick", {"batch_size": "2", "probe_tokens": "0", "kl_chunk_tokens": "16"})
+    runner = ProbeRunner(
+        teacher, tmp_path / "mixers.safetensors", "gdn", 0, budget, blocks, TeacherReference.build(teacher, blocks, 2),
+        Dist(), quiet=True,
+    )
+    full, reused = runner.probe([2]), runner.probe([2], layer=2, base=[])
+    assert runner._prefix is not None
+    assert reused["kl"] == pytest.approx(full["kl"], rel=1e-5) and reused["kl"] > 0
 
 
 def test_chunked_kl_matches_full_and_its_gradient() -> None:
@@ -85,6 +111,12 @@ def test_heldout_split_is_by_whole_documents(tmp_path, monkeypatch) -> None:
     assert torch.equal(again.train, blocks.train)
     with pytest.raises(FileNotFoundError):
         prepare_blocks(str(tmp_path / "missing.txt"), tok, 32, 128, 10_000)
+
+
+def test_builtin_corpus_ships_with_the_packages() -> None:
+    sizes = {s.name: sum(len(d) for d in s.documents()) for s in SOURCES}
+    assert len(sizes) >= 2 and all(v > 100_000 for v in sizes.values()), sizes
+    assert sum(sizes.values()) > 3_000_000
 
 
 def test_budget_overrides_and_selection_specs() -> None:

@@ -152,6 +152,9 @@ def test_n_greater_than_one_and_seeds(models) -> None:
     assert [c.token_ids for c in other.outputs] == [c.token_ids for c in out.outputs]
     greedy = engine(model).generate([p], SamplingParams(max_tokens=8, temperature=0, n=2))[0]
     assert [c.token_ids for c in greedy.outputs] == [hf_greedy(model, p, 8)] * 2
+    scored = engine(model).generate([p], SamplingParams(max_tokens=0, n=2, prompt_logprobs=0))[0]
+    assert [(c.index, c.token_ids, c.finish_reason) for c in scored.outputs] == [(0, [], "length"), (1, [], "length")]
+    assert len(scored.prompt_logprobs) == len(p)
 
 
 def test_prompt_logprobs_match_hf_forward(models) -> None:
@@ -208,13 +211,15 @@ def test_streaming_text_stop_strings_and_stop_ids(text_model) -> None:
 
     stop_text = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop_text.strip()
-    out = engine(model, tok).generate(["Hello world! 🙂"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop_text]))[0]
+    stopped = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop_text])
+    out = engine(model, tok).generate(["Hello world! 🙂"], stopped)[0]
     comp = out.outputs[0]
     assert comp.text == text[: text.index(stop_text)]
     assert (comp.finish_reason, comp.stop_reason) == ("stop", stop_text)
 
     stop_id = ids[5]
-    out = engine(model, tok).generate(["Hello world! 🙂"], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id]))[0]
+    by_id = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_id])
+    out = engine(model, tok).generate(["Hello world! 🙂"], by_id)[0]
     comp = out.outputs[0]
     assert comp.token_ids == ids[: ids.index(stop_id) + 1]
     assert (comp.finish_reason, comp.stop_reason) == ("stop", stop_id)

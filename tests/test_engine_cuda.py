@@ -44,8 +44,8 @@ def hf_greedy(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def run(model, dtype: str = "float32", **kw) -> LLMEngine:
-    config = EngineConfig(model="tiny", device="cuda", dtype=dtype, cache_memory="256MiB", **kw)
+def run(model, dtype: str = "float32", cache_memory: str = "256MiB", **kw) -> LLMEngine:
+    config = EngineConfig(model="tiny", device="cuda", dtype=dtype, cache_memory=cache_memory, **kw)
     return LLMEngine(model, None, config)
 
 
@@ -54,6 +54,11 @@ def greedy_ids(eng: LLMEngine, ps: list[list[int]]) -> list[list[int]]:
     s = eng.stats()
     assert (s.kv_blocks_used, s.state_slots_used) == (0, 0)
     return [o.outputs[0].token_ids for o in outs]
+
+
+def test_hf_generate_of_hybrid_runs_cuda(models) -> None:
+    """The reference path alone first, so a kernel fault is attributed to the right side."""
+    assert all(len(hf_greedy(models["hybrid"], p)) == MAX_TOKENS for p in prompts())
 
 
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])

@@ -52,27 +52,32 @@ def make_inputs(op: str, B: int, T: int, seed: int) -> dict:
     return {name: t.bfloat16() for name, t in x.items()}
 
 
-def compare(op: str, x: dict, h0: torch.Tensor | None, cu: torch.Tensor | None, mode: str, ref_mode: str):
-    """Relative errors (output, final state) of the CUDA run against the fp32 CPU reference."""
+def compare(
+    op: str, x: dict, h0: torch.Tensor | None, cu: torch.Tensor | None, mode: str, ref_mode: str,
+    dtype: torch.dtype = torch.bfloat16,
+):
+    """Relative errors (output, final state) of the CUDA run (inputs in `dtype`) against the fp32 CPU reference."""
     fn = gated_delta_rule if op == "gdn" else gated_linear_attention
     o_ref, s_ref = fn(
         **{n: t.float() for n, t in x.items()}, initial_state=h0, cu_seqlens=cu, mode=ref_mode
     )
     o, s = fn(
-        **{n: t.cuda() for n, t in x.items()},
+        **{n: t.cuda().to(dtype) for n, t in x.items()},
         initial_state=None if h0 is None else h0.cuda(),
         cu_seqlens=None if cu is None else cu.cuda(),
         mode=mode,
     )
-    assert o.dtype == torch.bfloat16 and o.is_cuda and s.dtype == torch.float32
+    assert o.dtype == dtype and o.is_cuda and s.dtype == torch.float32
     return rel(o, o_ref), rel(s, s_ref)
 
 
-def prefill_case(op: str, with_state: bool, varlen: bool, mode: str) -> tuple[float, float]:
+def prefill_case(
+    op: str, with_state: bool, varlen: bool, mode: str, dtype: torch.dtype = torch.bfloat16
+) -> tuple[float, float]:
     B, T, cu = (1, sum(LENS), offsets(LENS)) if varlen else (2, 300, None)
     N = len(LENS) if varlen else B
     h0 = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(1)) if with_state else None
-    return compare(op, make_inputs(op, B, T, seed=2), h0, cu, mode, ref_mode="chunk")
+    return compare(op, make_inputs(op, B, T, seed=2), h0, cu, mode, ref_mode="chunk", dtype=dtype)
 
 
 def decode_case(op: str, varlen: bool) -> tuple[float, float]:
@@ -104,6 +109,13 @@ def conv_case(varlen: bool) -> tuple[float, float]:
 @pytest.mark.parametrize("mode", ["auto", "recurrent"])
 def test_prefill_matches_cpu(op, with_state, varlen, mode):
     err_o, err_s = prefill_case(op, with_state, varlen, mode)
+    assert err_o <= MAX_REL and err_s <= MAX_REL, (err_o, err_s)
+
+
+@pytest.mark.parametrize("op", ["gdn", "gla"])
+def test_fp32_prefill_matches_cpu(op):
+    """fp32 inputs (fp32 serving): GLA must not take fla's chunked kernel, which faults on fp32."""
+    err_o, err_s = prefill_case(op, with_state=True, varlen=True, mode="auto", dtype=torch.float32)
     assert err_o <= MAX_REL and err_s <= MAX_REL, (err_o, err_s)
 
 

@@ -2,6 +2,8 @@
 
 Written against fla-core 0.6.0: inputs ``[B, T, H, ...]`` (no ``head_first``), states
 ``[N, H, K, V]``; chunk_gla requires an fp32 initial state, so states are passed and returned in fp32.
+fp32 GLA always takes the fused recurrent kernel: fla-core 0.6.0's chunked GLA output kernel
+(``chunk_gla_fwd_o_gk``) faults with a misaligned address on fp32 inputs.
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ def gated_linear_attention(
     output_final_state: bool,
     recurrent: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """fla ``fused_recurrent_gla`` if ``recurrent`` else ``chunk_gla``."""
+    """fla ``fused_recurrent_gla`` if ``recurrent`` (or fp32) else ``chunk_gla``."""
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
     common = _common(q, initial_state, cu_seqlens, output_final_state)
-    if recurrent:
+    if recurrent or q.dtype == torch.float32:
         o, final = fused_recurrent_gla(q, k, v, gk=gk, scale=scale, **common)
     else:
         o, final = chunk_gla(q, k, v, g=gk, scale=scale, **common)
