@@ -3,15 +3,12 @@ at a longer context than distillation used (blocks are re-packed from the same t
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from hyla.convert.data import BatchStream
-from hyla.convert.distributed import Dist
-from hyla.convert.loop import StageResult, train_loop
-from hyla.convert.students import autocast
+from hyla.convert.loop import LoopSettings, StageResult, train_loop
 from hyla.runtime.model import HybridForCausalLM
 
 
@@ -36,26 +33,10 @@ class CausalLoss(nn.Module):
 def run_finetune(
     student: HybridForCausalLM,
     stream: BatchStream,
-    steps: int,
     lr: float,
-    dist: Dist,
-    warmup: int = 0,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 0,
-    quiet: bool = False,
+    run: LoopSettings,
 ) -> StageResult:
     """Cross-entropy finetune of all parameters of `student` (in place)."""
-    wrapped = dist.wrap(CausalLoss(student))
+    wrapped = run.dist.wrap(CausalLoss(student))
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-
-    def step(i: int) -> float:
-        ids = stream(i).to(dist.device)
-        with autocast(dist.device):
-            loss = wrapped(ids)
-        loss.backward()
-        return float(loss.detach())
-
-    tokens = stream.batch_size * stream.blocks.shape[1]
-    return train_loop(
-        "stage 3", student, optimizer, step, steps, tokens, dist, warmup, checkpoint, checkpoint_every, quiet
-    )
+    return train_loop("stage 3", student, optimizer, wrapped, stream, run)

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hyla.convert.data import BatchStream
 from hyla.convert.distributed import Dist
+from hyla.convert.students import autocast
 
 
 @dataclass
@@ -36,6 +38,18 @@ class StageResult:
         }
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a stage's loop runs: optimizer steps, lr warmup, resumable checkpoint, progress display."""
+
+    steps: int
+    dist: Dist
+    warmup: int = 0
+    checkpoint: Path | None = None
+    checkpoint_every: int = 0
+    quiet: bool = False
+
+
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -48,21 +62,18 @@ def train_loop(
     name: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    step_fn: Callable[[int], float],
-    steps: int,
-    tokens_per_step: int,
-    dist: Dist,
-    warmup: int = 0,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 0,
-    quiet: bool = False,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    stream: BatchStream,
+    run: LoopSettings,
     clip: float | None = 1.0,
 ) -> StageResult:
-    """Run `step_fn(step)` (forward + backward, returns the loss) for `steps` optimizer steps.
+    """Minimise `loss_fn(batch)` (under autocast) on `stream`'s batches for `run.steps` optimizer steps.
 
-    With `checkpoint`, the trainable state, optimizer, curve and elapsed time are saved every
-    `checkpoint_every` steps, and a rerun continues from the last one.
+    With `run.checkpoint`, the trainable state, optimizer, curve and elapsed time are saved every
+    `run.checkpoint_every` steps, and a rerun continues from the last one.
     """
+    steps, dist, checkpoint, quiet = run.steps, run.dist, run.checkpoint, run.quiet
+    tokens_per_step = stream.batch_size * stream.blocks.shape[1]
     result, start = StageResult(), 0
     peaks = [g["lr"] for g in optimizer.param_groups]
     if checkpoint is not None and checkpoint.is_file():
@@ -81,9 +92,13 @@ def train_loop(
     model.train()
     for step in range(start, steps):
         for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak * lr_factor(step, steps, warmup)
+            group["lr"] = peak * lr_factor(step, steps, run.warmup)
         optimizer.zero_grad(set_to_none=True)
-        loss = dist.mean(step_fn(step))
+        ids = stream(step).to(dist.device)
+        with autocast(dist.device):
+            batch_loss = loss_fn(ids)
+        batch_loss.backward()
+        loss = dist.mean(float(batch_loss.detach()))
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
@@ -97,7 +112,7 @@ def train_loop(
             eta = (steps - step - 1) * result.seconds / max(1, step + 1 - start)
             print(f"[{name}] step {step + 1}/{steps} loss {loss:.4f} {rate:.0f} tok/s eta {eta:.0f}s", file=sys.stderr)
         last = step + 1 == steps
-        due = last or (checkpoint_every and (step + 1) % checkpoint_every == 0)
+        due = last or (run.checkpoint_every and (step + 1) % run.checkpoint_every == 0)
         if checkpoint is not None and dist.is_main and due:
             _save(checkpoint, model, optimizer, step + 1, result)
     bar.close()

@@ -24,6 +24,7 @@ from hyla.convert.finetune import repack, run_finetune
 from hyla.convert.probes import ProbeRunner
 from hyla.convert.report import write_report
 from hyla.convert.selection import parse_selection, select_layers, softmax_count
+from hyla.convert.loop import LoopSettings
 from hyla.convert.stage1 import run_stage1
 from hyla.convert.stage2 import run_stage2
 from hyla.convert.students import make_student, save_mixers
@@ -181,6 +182,13 @@ class Pipeline:
                               "seconds": round(time.perf_counter() - began, 2)})
         return ref
 
+    def _loop(self, step: str, steps: int) -> LoopSettings:
+        """Loop settings of a training step, checkpointing to `DIR/<step>/checkpoint.pt`."""
+        b = self.budget
+        return LoopSettings(
+            steps, self.dist, b.warmup_steps, self.out / step / "checkpoint.pt", b.checkpoint_every, self.opt.quiet
+        )
+
     def _stage1(self, train: torch.Tensor) -> Path:
         path = self.out / "stage1" / "mixers.safetensors"
         if self.begin("stage1"):
@@ -189,10 +197,7 @@ class Pipeline:
         torch.manual_seed(self.opt.seed)
         student = make_student(self.teacher, [], self.opt.linear, self.opt.seed).to(self.dist.device)
         stream = BatchStream(train, b.batch_size, self.opt.seed, self.dist.rank, self.dist.world)
-        result = run_stage1(
-            self.teacher, student, stream, b.steps(b.stage1_tokens), b.stage1_lr, self.dist, b.warmup_steps,
-            self.out / "stage1" / "checkpoint.pt", b.checkpoint_every, self.opt.quiet,
-        )
+        result = run_stage1(self.teacher, student, stream, b.stage1_lr, self._loop("stage1", b.steps(b.stage1_tokens)))
         if self.dist.is_main:
             save_mixers(student, path)
         self.log(f"stage 1: loss {result.summary()['final_loss']} in {result.seconds:.0f}s")
@@ -227,9 +232,8 @@ class Pipeline:
         torch.manual_seed(self.opt.seed)
         stream = BatchStream(train, b.batch_size, self.opt.seed + 1, self.dist.rank, self.dist.world)
         result = run_stage2(
-            "stage 2", self.teacher, student, stream, b.steps(b.stage2_tokens), b.stage2_lr_mixer, b.stage2_lr_rest,
-            b.kl_chunk_tokens, self.dist, b.warmup_steps, self.out / "stage2" / "checkpoint.pt", b.checkpoint_every,
-            self.opt.quiet,
+            "stage 2", self.teacher, student, stream, b.stage2_lr_mixer, b.stage2_lr_rest, b.kl_chunk_tokens,
+            self._loop("stage2", b.steps(b.stage2_tokens)),
         )
         if self.dist.is_main:
             torch.save(student.state_dict(), path)
@@ -251,10 +255,7 @@ class Pipeline:
             return student
         blocks = repack(train, b.stage3_seq_len or b.seq_len)
         stream = BatchStream(blocks, b.batch_size, self.opt.seed + 2, self.dist.rank, self.dist.world)
-        result = run_finetune(
-            student, stream, steps, b.stage3_lr, self.dist, b.warmup_steps, self.out / "stage3" / "checkpoint.pt",
-            b.checkpoint_every, self.opt.quiet,
-        )
+        result = run_finetune(student, stream, b.stage3_lr, self._loop("stage3", steps))
         if self.dist.is_main:
             torch.save(student.state_dict(), path)
         self.mark("stage3", result.summary())

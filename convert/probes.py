@@ -20,6 +20,7 @@ from hyla.convert.budgets import Budget
 from hyla.convert.data import BatchStream
 from hyla.convert.distributed import Dist
 from hyla.convert.evaluate import TeacherReference, score
+from hyla.convert.loop import LoopSettings
 from hyla.convert.stage2 import run_stage2
 from hyla.convert.students import autocast, hidden_from, layer_inputs, make_student
 
@@ -81,9 +82,9 @@ class ProbeRunner:
             stream = BatchStream(self.train_blocks, self.budget.batch_size, self.seed)
             local = replace(self.dist, rank=0, world=1)
             result = run_stage2(
-                f"probe {softmax}", self.teacher, student, stream, steps, self.budget.probe_lr,
+                f"probe {softmax}", self.teacher, student, stream, self.budget.probe_lr,
                 self.budget.probe_lr * self.budget.stage2_lr_rest / self.budget.stage2_lr_mixer,
-                self.budget.kl_chunk_tokens, local, self.budget.warmup_steps, quiet=True,
+                self.budget.kl_chunk_tokens, LoopSettings(steps, local, self.budget.warmup_steps, quiet=True),
             )
             curve = result.curve
         prefix = self._shared_prefix(base) if layer is not None and base is not None else None

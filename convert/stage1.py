@@ -9,16 +9,13 @@ linear-attention parameters train.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from hyla.convert.data import BatchStream
-from hyla.convert.distributed import Dist
-from hyla.convert.loop import StageResult, train_loop
-from hyla.convert.students import autocast
+from hyla.convert.loop import LoopSettings, StageResult, train_loop
 from hyla.runtime.context import DenseContext
 from hyla.runtime.model import HybridForCausalLM
 
@@ -69,28 +66,15 @@ def run_stage1(
     teacher: PreTrainedModel,
     student: HybridForCausalLM,
     stream: BatchStream,
-    steps: int,
     lr: float,
-    dist: Dist,
-    warmup: int = 0,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 0,
-    quiet: bool = False,
+    run: LoopSettings,
 ) -> StageResult:
-    """Train every linear mixer of `student` (in place) on `steps` batches of teacher activations."""
+    """Train every linear mixer of `student` (in place) on `run.steps` batches of teacher activations."""
     align = AttentionAlignment(student)
-    wrapped = dist.wrap(align)
+    wrapped = run.dist.wrap(align)
     optimizer = torch.optim.AdamW(align.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
 
-    def step(i: int) -> float:
-        ids = stream(i).to(dist.device)
-        with autocast(dist.device):
-            xs, ys = capture_attention(teacher, ids, align.layers)
-            loss = wrapped(xs, ys)
-        loss.backward()
-        return float(loss.detach())
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        return wrapped(*capture_attention(teacher, ids, align.layers))
 
-    tokens = stream.batch_size * stream.blocks.shape[1]
-    return train_loop(
-        "stage 1", align, optimizer, step, steps, tokens, dist, warmup, checkpoint, checkpoint_every, quiet, clip=None
-    )
+    return train_loop("stage 1", align, optimizer, loss, stream, run, clip=None)

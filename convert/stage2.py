@@ -8,17 +8,15 @@ Selection probes are short runs of this same stage.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from hyla.convert.data import BatchStream
-from hyla.convert.distributed import Dist
 from hyla.convert.kl import chunked_kl
-from hyla.convert.loop import StageResult, train_loop
-from hyla.convert.students import autocast, final_hidden
+from hyla.convert.loop import LoopSettings, StageResult, train_loop
+from hyla.convert.students import final_hidden
 from hyla.runtime.model import HybridForCausalLM
 
 
@@ -49,31 +47,19 @@ def run_stage2(
     teacher: PreTrainedModel,
     student: HybridForCausalLM,
     stream: BatchStream,
-    steps: int,
     lr_mixer: float,
     lr_rest: float,
     chunk: int,
-    dist: Dist,
-    warmup: int = 0,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 0,
-    quiet: bool = False,
+    run: LoopSettings,
 ) -> StageResult:
-    """Distil `student` (in place) from `teacher` for `steps` batches."""
+    """Distil `student` (in place) from `teacher` for `run.steps` batches."""
     distiller = Distiller(student, teacher.lm_head.weight.detach(), chunk)
-    wrapped = dist.wrap(distiller)
+    wrapped = run.dist.wrap(distiller)
     optimizer = torch.optim.AdamW(param_groups(student, lr_mixer, lr_rest), weight_decay=0.0, betas=(0.9, 0.95))
 
-    def step(i: int) -> float:
-        ids = stream(i).to(dist.device)
-        with autocast(dist.device):
-            with torch.no_grad():
-                t_hidden = final_hidden(teacher, ids)
-            loss = wrapped(ids, t_hidden)
-        loss.backward()
-        return float(loss.detach())
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_hidden = final_hidden(teacher, ids)
+        return wrapped(ids, t_hidden)
 
-    tokens = stream.batch_size * stream.blocks.shape[1]
-    return train_loop(
-        name, student, optimizer, step, steps, tokens, dist, warmup, checkpoint, checkpoint_every, quiet
-    )
+    return train_loop(name, student, optimizer, loss, stream, run)

@@ -15,6 +15,7 @@ from hyla.convert.evaluate import TeacherReference
 from hyla.convert.kl import chunked_kl
 from hyla.convert.probes import ProbeRunner
 from hyla.convert.selection import parse_selection, uniform_layers
+from hyla.convert.loop import LoopSettings
 from hyla.convert.stage1 import run_stage1
 from hyla.convert.students import make_student, save_mixers
 from tests.test_convert_helpers import single_thread
@@ -59,7 +60,7 @@ def test_stage1_loss_falls() -> None:
         p.requires_grad_(False)
     student = make_student(teacher, [], "gdn", seed=0)
     blocks = torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(0))
-    result = run_stage1(teacher, student, BatchStream(blocks, 4, 0), 40, 3e-3, Dist(), warmup=2, quiet=True)
+    result = run_stage1(teacher, student, BatchStream(blocks, 4, 0), 3e-3, LoopSettings(40, Dist(), warmup=2, quiet=True))
     first, last = result.curve[0][1], sum(v for _, v in result.curve[-5:]) / 5
     assert last < 0.5 * first, result.curve
     # only linear-attention parameters changed

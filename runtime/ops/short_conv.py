@@ -27,14 +27,12 @@ def short_conv(
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     B, T, C = x.shape
     W = weight.shape[1]
-    dev = x.device
     if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=dev) * T
-        x = x.reshape(1, B * T, C)
-    elif B != 1:
+        return _dense(x, weight, conv_state, activation)
+    if B != 1:
         raise ValueError(f"batch size must be 1 with cu_seqlens, got {B}")
-    else:
-        cu = cu_seqlens.to(dev, torch.long)
+    dev = x.device
+    cu = cu_seqlens.to(dev, torch.long)
     N, total = cu.numel() - 1, x.shape[1]
     if conv_state is None:
         conv_state = x.new_zeros(N, C, W - 1)
@@ -48,9 +46,24 @@ def short_conv(
     buf[tok_pos] = x[0]
     buf[cu[:-1, None] + seq_off + lag] = conv_state.to(x.dtype).transpose(1, 2)
 
-    windows = buf[tok_pos[:, None] - (W - 1) + torch.arange(W, device=dev)]  # [total, W, C]
-    y = torch.einsum("twc,cw->tc", windows.float(), weight.float())
+    w = weight.float()
+    y = sum(buf[tok_pos - (W - 1 - j)].float() * w[:, j] for j in range(W))
     if activation == "silu":
         y = F.silu(y)
     new_state = buf[cu[1:, None] + seq_off + lag].transpose(1, 2).contiguous()
-    return y.to(x.dtype).reshape(B, T, C), new_state
+    return y.to(x.dtype)[None], new_state
+
+
+def _dense(x: Tensor, weight: Tensor, conv_state: Tensor | None, activation: str | None) -> tuple[Tensor, Tensor]:
+    """Dense batch ``[B, T, C]``: one grouped conv1d over the state followed by the tokens."""
+    B, T, C = x.shape
+    W = weight.shape[1]
+    if conv_state is None:
+        conv_state = x.new_zeros(B, C, W - 1)
+    xin = torch.cat([conv_state.to(x.dtype), x.transpose(1, 2)], -1)  # [B, C, W-1+T]
+    if T == 0:
+        return x, xin.contiguous()
+    y = F.conv1d(xin.float(), weight.float()[:, None, :], groups=C).transpose(1, 2)
+    if activation == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype), xin[..., T:].contiguous()
