@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import click
@@ -62,12 +63,15 @@ def evaluate(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from hyla.evals.data import BENCHMARKS, data_file
+    from hyla.evals.prepare import ensure_data
     from hyla.evals.tasks import TASKS_DIR
 
-    missing = [t for t in tasks if t in BENCHMARKS and not data_file(t).is_file()]
-    if missing:
-        raise fail(f"no local data for {missing}; run `hyla eval prepare-data` first")
+    try:
+        extracted = ensure_data(tasks)
+    except (FileNotFoundError, ValueError, subprocess.CalledProcessError) as exc:
+        raise fail(f"benchmark data for {list(tasks)} is missing and extracting it failed: {exc}") from None
+    if extracted:
+        typer.echo(f"extracted benchmark data for {', '.join(extracted)} (once)", err=True)
     metadata: dict[str, object] = {"num_samples": recall_samples}
     if tokenizer:
         metadata["tokenizer"] = tokenizer

@@ -50,6 +50,14 @@ def prepare_data(
     return counts
 
 
+def ensure_data(tasks: Iterable[str]) -> list[str]:
+    """Extract the benchmarks among `tasks` that have no local file yet; returns those extracted."""
+    missing = [t for t in tasks if t in BENCHMARKS and not data_file(t).is_file()]
+    if missing:
+        prepare_data(missing, quiet=True)
+    return missing
+
+
 def _line_count(path: os.PathLike[str]) -> int:
     with open(path, "rb") as f:
         return sum(1 for _ in f)

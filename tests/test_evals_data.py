@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hyla.evals.data import BENCHMARKS, data_file, read_docs
-from hyla.evals.prepare import prepare_data
+from hyla.evals.prepare import ensure_data, prepare_data
 from hyla.evals.tasks import TASKS_DIR
 
 PUBLISHED = {
@@ -63,3 +63,11 @@ def test_task_yamls_build_standard_prompts(prepared: dict[str, int]) -> None:
     tasks["lambada_openai"].build_all_requests(limit=1, rank=0, world_size=1)
     context, target = tasks["lambada_openai"].instances[0].args
     assert target == " " + read_docs("lambada_openai")[0]["text"].split(" ")[-1]
+
+
+def test_missing_data_is_extracted_on_first_use(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYLA_CACHE", str(tmp_path))
+    assert not data_file("openbookqa").is_file()
+    assert ensure_data(["openbookqa", "niah_single"]) == ["openbookqa"]
+    assert len(read_docs("openbookqa")) == PUBLISHED["openbookqa"]
+    assert ensure_data(["openbookqa"]) == []
