@@ -264,7 +264,10 @@ def report(
     names = expand_tasks(tasks or ("core,recall" if full else "quick"))
     budget = parse_memory(cache_memory, device)
     reports = []
-    for model in models:
+    labels = [Path(m).name if Path(m).is_dir() else m for m in models]  # table / plot labels
+    if len(set(labels)) < len(labels):
+        labels = list(models)
+    for model, label in zip(models, labels):
         typer.echo(f"== {model}")
         engine = LLMEngine.from_config(EngineConfig(
             model=model, device=device, dtype=dtype, state_dtype=state_dtype, cache_memory=cache_memory,
@@ -274,7 +277,7 @@ def report(
         results = evaluate(lm, names, int(limit) if limit else None,
                            recall_lengths=[n for n in default_lengths(lm.max_length) if n <= 2048],
                            recall_samples=10, tokenizer=model)
-        reports.append(measure_model(model, engine, headline(results), ctx_list, batch_list, new_tokens, budget,
+        reports.append(measure_model(label, engine, headline(results), ctx_list, batch_list, new_tokens, budget,
                                      dtype, state_dtype))
     cpu = platform.processor() or platform.machine()
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({cpu}, {torch.get_num_threads()} threads)"

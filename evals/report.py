@@ -141,7 +141,8 @@ def plot_quality_vs_speed(reports: list[ModelReport], key: str, path: Path) -> N
         x, y = r.decode_tps.get(key), r.mean_quality
         if x is not None and y is not None:
             ax.scatter([x], [y])
-            ax.annotate(r.name, (x, y))
+            ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.margins(x=0.3, y=0.15)
     ax.set_xlabel(f"decode tokens/s ({key.replace('b', 'batch ').replace('@', ', context ')})")
     ax.set_ylabel("mean accuracy over the suite")
     ax.grid(alpha=0.3)

@@ -40,7 +40,7 @@ def test_report_writes_table_and_plots(models: tuple[Path, Path], tmp_path: Path
         ])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out" / "report.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith(f"| {models[0]}") or line.startswith(f"| {models[1]}")]
+    rows = [line for line in text.splitlines() if line.startswith((f"| {models[0].name} ", f"| {models[1].name} "))]
     assert len(rows) == 2 and "`AA`" in rows[0] and "`AD`" in rows[1]
     assert "decode tok/s b2@64" in text and "arc_easy/acc_norm" in text
     for png in ("quality_vs_throughput.png", "memory_vs_context.png"):
