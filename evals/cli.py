@@ -237,8 +237,12 @@ def report(
     full: bool = typer.Option(False, "--full", help="Run the core suite + recall instead of the quick suite."),
     tasks: str = typer.Option(None, help="Override the suite (comma list or suite names)."),
     limit: float = typer.Option(200, help="Items per task (0: all)."),
-    contexts: str = typer.Option("512,2048,8192", help="Context lengths for latency and memory."),
-    batches: str = typer.Option("1,8,32", help="Batch sizes for decode throughput."),
+    contexts: str | None = typer.Option(
+        None, help="Context lengths for latency and memory (default: 512,2048,8192 on cuda, 512,2048 on cpu)."
+    ),
+    batches: str | None = typer.Option(
+        None, help="Batch sizes for decode throughput (default: 1,8,32 on cuda, 1,8 on cpu)."
+    ),
     new_tokens: int = typer.Option(32, help="Tokens generated per sequence in the decode measurement."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("float32", help="Weights / KV dtype."),
@@ -259,8 +263,9 @@ def report(
     from hyla.runtime.engine import LLMEngine
     from hyla.runtime.engine_config import EngineConfig
 
-    ctx_list = [int(c) for c in contexts.split(",")]
-    batch_list = [int(b) for b in batches.split(",")]
+    on_cpu = device == "cpu"
+    ctx_list = [int(c) for c in (contexts or ("512,2048" if on_cpu else "512,2048,8192")).split(",")]
+    batch_list = [int(b) for b in (batches or ("1,8" if on_cpu else "1,8,32")).split(",")]
     names = expand_tasks(tasks or ("core,recall" if full else "quick"))
     budget = parse_memory(cache_memory, device)
     reports = []
