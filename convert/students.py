@@ -30,37 +30,30 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """Final-norm hidden states `[B, T, H]` of a hybrid or an HF teacher (no LM head)."""
     if isinstance(model, HybridForCausalLM):
-        b, t = input_ids.shape
-        pos = torch.arange(t, device=input_ids.device).expand(b, t)
-        return model.model(input_ids, DenseContext(pos))
+        return model.model(input_ids, _dense_context(input_ids))
     return model.model(input_ids=input_ids).last_hidden_state
 
 
-def _dense_context(model: HybridForCausalLM, input_ids: torch.Tensor, dtype: torch.dtype) -> DenseContext:
+def _dense_context(input_ids: torch.Tensor) -> DenseContext:
     b, t = input_ids.shape
-    pos = torch.arange(t, device=input_ids.device).expand(b, t)
-    ctx = DenseContext(pos)
-    ctx.rope = model.model.rotary_emb.cos_sin(pos, dtype)
-    return ctx
+    return DenseContext(torch.arange(t, device=input_ids.device).expand(b, t))
 
 
 def layer_inputs(model: HybridForCausalLM, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """The residual stream entering each layer of a hybrid `[B, T, H]` (L tensors)."""
-    x = model.model.embed_tokens(input_ids)
-    ctx = _dense_context(model, input_ids, x.dtype)
-    inputs = []
-    for layer in model.model.layers:
-        inputs.append(x)
-        x = layer(x, ctx)
+    inputs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_pre_hook(lambda _, args: inputs.append(args[0])) for layer in model.model.layers]
+    try:
+        final_hidden(model, input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
     return inputs
 
 
 def hidden_from(model: HybridForCausalLM, x: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
     """Final hidden states, running only layers `start…` on the residual stream `x` entering `start`."""
-    ctx = _dense_context(model, input_ids, x.dtype)
-    for layer in model.model.layers[start:]:
-        x = layer(x, ctx)
-    return model.model.norm(x)
+    return model.model(None, _dense_context(input_ids), inputs_embeds=x, first_layer=start)
 
 
 def save_mixers(student: HybridForCausalLM, path: Path) -> None:

@@ -55,11 +55,16 @@ class HybridModel(HybridPreTrainedModel):
         input_ids: torch.Tensor | None,
         ctx: ForwardContext,
         inputs_embeds: torch.Tensor | None = None,
+        first_layer: int = 0,
     ) -> torch.Tensor:
-        """Final hidden states `[B, T, hidden]` for the tokens of this pass."""
+        """Final hidden states `[B, T, hidden]` for the tokens of this pass.
+
+        With `first_layer`, `inputs_embeds` is the residual stream entering that layer, and only the
+        layers from there on run.
+        """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         ctx.rope = self.rotary_emb.cos_sin(ctx.position_ids, x.dtype)
-        for layer in self.layers:
+        for layer in self.layers[first_layer:]:
             x = layer(x, ctx)
         return self.norm(x)
 
