@@ -3,7 +3,6 @@ at a longer context than distillation used (blocks are re-packed from the same t
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

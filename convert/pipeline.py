@@ -21,10 +21,10 @@ from hyla.convert.data import BatchStream, prepare_blocks
 from hyla.convert.distributed import Dist, init_distributed, shutdown
 from hyla.convert.evaluate import TeacherReference, score
 from hyla.convert.finetune import repack, run_finetune
+from hyla.convert.loop import LoopSettings
 from hyla.convert.probes import ProbeRunner
 from hyla.convert.report import write_report
 from hyla.convert.selection import parse_selection, select_layers, softmax_count
-from hyla.convert.loop import LoopSettings
 from hyla.convert.stage1 import run_stage1
 from hyla.convert.stage2 import run_stage2
 from hyla.convert.students import make_student, save_mixers

@@ -9,7 +9,6 @@ linear-attention parameters train.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel

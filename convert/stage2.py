@@ -8,7 +8,6 @@ Selection probes are short runs of this same stage.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel

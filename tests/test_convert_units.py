@@ -13,9 +13,9 @@ from hyla.convert.data import BatchStream, prepare_blocks
 from hyla.convert.distributed import Dist
 from hyla.convert.evaluate import TeacherReference
 from hyla.convert.kl import chunked_kl
+from hyla.convert.loop import LoopSettings
 from hyla.convert.probes import ProbeRunner
 from hyla.convert.selection import parse_selection, uniform_layers
-from hyla.convert.loop import LoopSettings
 from hyla.convert.stage1 import run_stage1
 from hyla.convert.students import make_student, save_mixers
 from tests.test_convert_helpers import single_thread
