@@ -1,7 +1,8 @@
 """Public linear-attention ops: validate arguments and pick a backend by device.
 
-CUDA tensors go to the fla-core kernels (:mod:`.fla_backend`); everything else runs the PyTorch
-reference (:mod:`.delta_rule`, :mod:`.gla`) in fp32, with varlen batches padded into a dense one.
+CUDA tensors go to the fla-core kernels (:mod:`.fla_backend`) unless a backward is needed that fla
+cannot run on that GPU; everything else runs the PyTorch reference (:mod:`.delta_rule`, :mod:`.gla`)
+in fp32, with varlen batches padded into a dense one.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ def gated_delta_rule(
     log-decay g and beta ``[B, T, H]``. States are fp32 ``[N, H, K, V]``; o has q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _check(q, k, v, initial_state, cu_seqlens, mode)
-    if q.is_cuda:
+    if _use_fla("gdn", q, k, v, g, beta, initial_state):
         from . import fla_backend
 
         return fla_backend.gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
             output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode),
         )
-    fn = recurrent_gated_delta_rule if _cpu_recurrent(q, cu_seqlens, mode) else chunk_gated_delta_rule
+    fn = recurrent_gated_delta_rule if _reference_recurrent(q, cu_seqlens, mode) else chunk_gated_delta_rule
     return _run_reference(fn, (q, k, v, g, beta), scale, initial_state, cu_seqlens, output_final_state)
 
 
@@ -63,14 +64,14 @@ def gated_linear_attention(
     States are fp32 ``[N, H, K, V]``; o has q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _check(q, k, v, initial_state, cu_seqlens, mode)
-    if q.is_cuda:
+    if _use_fla("gla", q, k, v, gk, initial_state):
         from . import fla_backend
 
         return fla_backend.gated_linear_attention(
             q, k, v, gk, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
             output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode),
         )
-    fn = recurrent_gla if _cpu_recurrent(q, cu_seqlens, mode) else chunk_gla
+    fn = recurrent_gla if _reference_recurrent(q, cu_seqlens, mode) else chunk_gla
     return _run_reference(fn, (q, k, v, gk), scale, initial_state, cu_seqlens, output_final_state)
 
 
@@ -90,6 +91,17 @@ def _check(
         raise ValueError(f"initial_state must have shape {expected}, got {tuple(initial_state.shape)}")
 
 
+def _use_fla(op: str, q: Tensor, *tensors: Tensor | None) -> bool:
+    """CUDA inputs take fla, except where autograd needs a backward that fla refuses on this GPU."""
+    if not q.is_cuda:
+        return False
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, *tensors)):
+        return True
+    from . import fla_backend
+
+    return fla_backend.trains(op, q.device)
+
+
 def _cuda_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
     if mode != "auto":
         return mode == "recurrent"
@@ -98,7 +110,7 @@ def _cuda_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
     return q.shape[0] * q.shape[1] == n_seqs
 
 
-def _cpu_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
+def _reference_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
     if mode != "auto":
         return mode == "recurrent"
     max_len = q.shape[1] if cu_seqlens is None else int(cu_seqlens.diff().max())
@@ -126,7 +138,8 @@ def _run_reference(
     state = (
         xs[0].new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float()
     )
-    o, final = fn(*xs, scale, state)
+    with torch.autocast(q.device.type, enabled=False):
+        o, final = fn(*xs, scale, state)
     if valid is not None:
         o = o[valid][None]
     return o.to(out_dtype), final if output_final_state else None

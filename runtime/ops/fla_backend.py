@@ -4,11 +4,17 @@ Written against fla-core 0.6.0: inputs ``[B, T, H, ...]`` (no ``head_first``), s
 ``[N, H, K, V]``; chunk_gla requires an fp32 initial state, so states are passed and returned in fp32.
 fp32 GLA always takes the fused recurrent kernel: fla-core 0.6.0's chunked GLA output kernel
 (``chunk_gla_fwd_o_gk``) faults with a misaligned address on fp32 inputs.
+Some fla / Triton / GPU combinations refuse to backpropagate (fla-core 0.6.0 with Triton < 3.7.1 on
+Hopper raises for its gated backward); :func:`trains` finds out once per op and device.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -70,3 +76,30 @@ def _common(
 
 def _fp32(state: Tensor | None) -> Tensor | None:
     return None if state is None else state.float()
+
+
+@functools.cache
+def trains(op: str, device: torch.device) -> bool:
+    """Whether fla's chunked kernels of `op` ("gdn" or "gla") can backpropagate on `device`.
+
+    Runs one tiny bf16 forward and backward; a refusal is reported once as a warning.
+    """
+    gen = torch.Generator(device).manual_seed(0)
+    shape = (1, 64, 1, 64)
+    q, k, v = (torch.randn(shape, device=device, generator=gen) for _ in range(3))
+    gate = F.logsigmoid(torch.randn(shape if op == "gla" else shape[:3], device=device, generator=gen))
+    inputs = [F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, gate]
+    if op == "gdn":
+        inputs.append(torch.rand(shape[:3], device=device, generator=gen))
+    inputs = [x.bfloat16().requires_grad_() for x in inputs]
+    run = gated_delta_rule if op == "gdn" else gated_linear_attention
+    try:
+        with torch.enable_grad():
+            o, _ = run(*inputs, scale=1.0, initial_state=None, cu_seqlens=None, output_final_state=False,
+                       recurrent=False)
+            o.float().sum().backward()
+    except RuntimeError as exc:
+        warnings.warn(f"fla cannot train {op} on {device} ({exc}); training uses the PyTorch reference there",
+                      stacklevel=2)
+        return False
+    return True
