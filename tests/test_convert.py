@@ -20,12 +20,8 @@ from hyla.cli import app
 from hyla.convert.pipeline import ConvertOptions, convert
 from hyla.runtime.loading import load_model
 from tests.test_convert_helpers import (
-    ESSENTIAL, TINY_BUDGET, copy_corpus, run_convert, single_thread, single_thread_env, teacher_dir,
+    ESSENTIAL, TINY_BUDGET, copy_corpus, run_convert, single_thread, single_thread_env, teacher_dir, tiny_overrides,
 )
-
-
-def _overrides() -> dict[str, str]:
-    return dict(TINY_BUDGET[i + 1].split("=") for i in range(0, len(TINY_BUDGET), 2))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory):
 def _options(root: Path, out: str, **kw) -> ConvertOptions:
     base = dict(
         teacher=str(root / "teacher"), out=root / out, data=str(root / "corpus.txt"), softmax_layers=1,
-        overrides=_overrides(), quiet=True,
+        overrides=tiny_overrides(), quiet=True,
     )
     return ConvertOptions(**{**base, **kw})
 

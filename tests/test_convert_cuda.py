@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from hyla.convert.pipeline import ConvertOptions, convert
 from hyla.runtime.loading import load_model
-from tests.test_convert_helpers import ESSENTIAL, TINY_BUDGET, copy_corpus, teacher_dir
+from tests.test_convert_helpers import ESSENTIAL, copy_corpus, teacher_dir, tiny_overrides
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,12 +23,11 @@ def test_cuda_conversion_selects_like_cpu_and_exports_bf16(tmp_path: Path, monke
     monkeypatch.setenv("HYLA_CACHE", str(tmp_path / "cache"))
     teacher_dir(tmp_path / "teacher", essential=ESSENTIAL)
     copy_corpus(tmp_path / "corpus.txt")
-    overrides = dict(TINY_BUDGET[i + 1].split("=") for i in range(0, len(TINY_BUDGET), 2))
     reports = {}
     for device in ("cpu", "cuda"):
         convert(ConvertOptions(
             teacher=str(tmp_path / "teacher"), out=tmp_path / device, data=str(tmp_path / "corpus.txt"),
-            softmax_layers=1, overrides=overrides, device=device, quiet=True,
+            softmax_layers=1, overrides=tiny_overrides(), device=device, quiet=True,
         ))
         reports[device] = json.loads((tmp_path / device / "conversion_report.json").read_text())
 

@@ -56,6 +56,11 @@ TINY_BUDGET = [
 ]
 
 
+def tiny_overrides() -> dict[str, str]:
+    """TINY_BUDGET as the `overrides` of a ConvertOptions."""
+    return dict(TINY_BUDGET[i + 1].split("=") for i in range(0, len(TINY_BUDGET), 2))
+
+
 def single_thread_env() -> dict[str, str]:
     """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
     return {**os.environ, "OMP_NUM_THREADS": "1"}
