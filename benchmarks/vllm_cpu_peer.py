@@ -23,6 +23,7 @@ def load_timing_module():
     path = Path(__file__).resolve().parents[1] / "runtime" / "bench_timing.py"
     spec = importlib.util.spec_from_file_location("bench_timing", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
