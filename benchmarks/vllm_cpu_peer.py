@@ -54,8 +54,7 @@ def main(request_path: str, result_path: str) -> None:
     results = []
     for n, point in enumerate(points):
         try:
-            warm = [p[:16] for p in point["prompts"]]
-            llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm],
+            llm.generate([TokensPrompt(prompt_token_ids=p) for p in point["prompts"]],  # warm-up, same shapes
                          SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
             got = timing.time_stepped(add, engine.step, point["prompts"], max_tokens, tag=f"bench{n}")
             results.append({"context": point["context"], "batch": point["batch"], "timing": asdict(got)})

