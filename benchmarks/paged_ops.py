@@ -141,7 +141,7 @@ def main() -> None:
     configs64 = [pa.PREFILL_CONFIGS[64]]
     configs128 = [pa.PREFILL_CONFIGS[128]]
     if args.prefill_sweep:
-        configs64 += [(128, 64, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3)]
+        configs64 += [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
         configs128 += [(128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3)]
     rows += bench_prefill(32, 4096, HQ, D, configs64)
     rows += bench_prefill(8, 4096, 16, 128, configs128)

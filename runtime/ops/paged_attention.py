@@ -209,7 +209,7 @@ def _decode_triton(
 
 
 PREFILL_CONFIGS = {  # head_dim -> (BLOCK_M rows = query tokens x group heads, BLOCK_N keys, num_warps, num_stages)
-    64: (128, 64, 8, 3),
+    64: (128, 64, 8, 2),
     128: (128, 64, 4, 3),
 }
 
