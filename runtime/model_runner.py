@@ -184,7 +184,8 @@ class ModelRunner:
                 drawn = logits[rows].argmax(-1)
             else:
                 fp = torch.tensor([[0.0 if p.greedy else p.temperature, p.top_p] for p in params])
-                ints = self.to_device([p.top_k for p in params] + seeds + positions).split(len(params))
+                vocab = logits.shape[-1]  # any top_k past the vocabulary means no filter
+                ints = self.to_device([min(p.top_k, vocab) for p in params] + seeds + positions).split(len(params))
                 fp = fp.to(self.device, non_blocking=True)
                 drawn = sample(logits[rows], fp[:, 0], ints[0], fp[:, 1], ints[1], ints[2])
             tokens = drawn.tolist()

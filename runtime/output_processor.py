@@ -71,7 +71,7 @@ class OutputProcessor:
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
-            prompt_token_ids=list(request.prompt_token_ids),
+            prompt_token_ids=request.prompt_token_ids,  # shared, not copied: read-only for consumers
             outputs=completions,
             prompt_logprobs=list(request.prompt_logprobs) if done else None,
             finished=request.finished,
@@ -86,7 +86,7 @@ class OutputProcessor:
         out = CompletionOutput(
             index=seq.index,
             text=text,
-            token_ids=list(ids),
+            token_ids=ids,
             text_delta=text[seq.sent_text :],
             token_ids_delta=ids[seq.sent_tokens :],
             logprobs=None if seq.logprobs is None else list(seq.logprobs),

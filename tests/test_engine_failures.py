@@ -105,3 +105,12 @@ def test_async_engine_reports_failed_requests_and_dies_on_device_faults(model) -
             await eng.shutdown(drain=False)
 
     asyncio.run(main())
+
+
+def test_top_k_beyond_the_vocabulary_is_no_filter(model) -> None:
+    eng = engine(model)
+    eng.add_request("k", [5, 6, 7], SamplingParams(top_k=2**63, temperature=1, seed=1, max_tokens=4))
+    eng.add_request("free", [5, 6, 7], SamplingParams(temperature=1, seed=1, max_tokens=4))
+    outs = {o.request_id: o for o in run(eng) if o.finished}
+    assert outs["k"].error is None and outs["k"].outputs[0].token_ids == outs["free"].outputs[0].token_ids
+    assert_all_free(eng)

@@ -10,10 +10,15 @@ reference the tests compare against. `HYLA_FUSION=0` turns it off.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Callable, TypeVar
 
 import torch
+
+logger = logging.getLogger(__name__)
+RECOMPILE_LIMIT = 64
+"""Compiled variants per function (dtypes, ranks); the default of 8 is too few for a whole model zoo."""
 
 F = TypeVar("F", bound=Callable)
 
@@ -25,14 +30,20 @@ def fusion_enabled() -> bool:
 def fused(fn: F) -> F:
     """`fn` compiled for CUDA inference, plain otherwise."""
     compiled: Callable | None = None
+    broken = False
 
     @functools.wraps(fn)
     def run(*args: torch.Tensor):
-        nonlocal compiled
-        if args[0].is_cuda and not torch.is_grad_enabled() and fusion_enabled():
+        nonlocal compiled, broken
+        if args[0].is_cuda and not torch.is_grad_enabled() and fusion_enabled() and not broken:
             if compiled is None:
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-            return compiled(*args)
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # stay correct: fall back for good
+                logger.warning("running %s unfused: %s", fn.__name__, exc)
+                broken = True
         return fn(*args)
 
     run.plain = fn  # type: ignore[attr-defined]
