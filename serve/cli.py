@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def serve(
     from hyla.runtime.engine_config import EngineConfig
     from hyla.serve.app import HylaServer, ServerSettings
 
+    if api_key is None and os.environ.get("HYLA_API_KEY") is not None:
+        api_key = os.environ["HYLA_API_KEY"]  # set but empty: click reads that as unset
     if api_key is not None and not api_key.strip():
         raise typer.BadParameter("the API key is empty; give a real key or none at all", param_hint="--api-key / HYLA_API_KEY")
     if device == "auto":

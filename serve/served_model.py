@@ -16,11 +16,13 @@ from hyla.runtime.async_engine import AsyncEngine
 from hyla.runtime.info import layer_pattern
 from hyla.runtime.sampling_params import SamplingParams
 from hyla.serve.engine_request import EngineRequest
-from hyla.serve.errors import bad_request, model_not_found, shutting_down, too_costly
+from hyla.serve.errors import APIError, bad_request, model_not_found, shutting_down, too_costly
 from hyla.serve.metrics import ServerMetrics
 from hyla.serve.protocol import MAX_STOP, ChatMessage
 
 DEFAULT_MAX_REQUEST_TOKENS = 2**19
+PREFIX_CHARS_PER_TOKEN = 32  # texts longer than the context x this are measured by a prefix first
+CUT_MARGIN = 16  # tokens a cut at the prefix's end might add
 
 
 def new_id(prefix: str) -> str:
@@ -109,30 +111,44 @@ class ServedModel:
             piece = self._pieces[token_id] = self.tokenizer.decode([token_id])
         return piece
 
-    async def prompt_ids(self, prompt: str | list[int], param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+    async def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """Token ids of a text or token-id prompt, checked against the vocabulary and the context length."""
-        return await asyncio.to_thread(self._prompt_ids, prompt, param, add_special_tokens)
+        return await asyncio.to_thread(self._prompt_ids, prompt, param)
 
-    def _prompt_ids(self, prompt: str | list[int], param: str, add_special_tokens: bool) -> list[int]:
+    def _prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
         if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+            ids = self._encode_within_context(prompt, True, param)
         else:
             self.check_token_ids(prompt, param)
-            ids = list(prompt)
+            ids = self._within_context(list(prompt), param)
         if not ids:
             raise bad_request(f"{param} is empty", param=param)
-        return self._within_context(ids, param)
+        return ids
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _encode_within_context(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of `text`, refused over the context length. A long text's prefix is tokenised first: when it
+        alone overflows (with a margin for the cut), so does the text, which then is not tokenised in full."""
+        cut = (self.max_model_len + CUT_MARGIN) * PREFIX_CHARS_PER_TOKEN
+        if len(text) > cut:
+            head = self._encode(text[:cut], add_special_tokens)
+            if len(head) > self.max_model_len + CUT_MARGIN:
+                raise self._too_long(param, f"more than {len(head)}")
+        return self._within_context(self._encode(text, add_special_tokens), param)
 
     def _within_context(self, ids: list[int], param: str) -> list[int]:
         if len(ids) > self.max_model_len:
-            raise bad_request(
-                f"{param} has {len(ids)} tokens, more than this model's context length {self.max_model_len}",
-                param=param, code="context_length_exceeded",
-            )
+            raise self._too_long(param, str(len(ids)))
         return ids
 
+    def _too_long(self, param: str, tokens: str) -> APIError:
+        return bad_request(f"{param} has {tokens} tokens, more than this model's context length {self.max_model_len}",
+                           param=param, code="context_length_exceeded")
+
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await asyncio.to_thread(lambda: list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]))
+        return await asyncio.to_thread(self._encode, text, add_special_tokens)
 
     async def token_texts(self, token_ids: list[int]) -> list[str]:
         return await asyncio.to_thread(lambda: [self.token_text(t) for t in token_ids])
@@ -163,10 +179,11 @@ class ServedModel:
             for m in messages
         ]
         try:
-            encoded = self.tokenizer.apply_chat_template(
-                rendered, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
-            )
+            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
         except Exception as error:  # a template is code of its own: whatever it raises on these messages
             raise bad_request(f"the chat template rejected these messages: {error}", param="messages") from None
-        ids = list(encoded["input_ids"])
-        return self._within_context(ids, "messages") if within_context else ids
+        # The template writes the special tokens itself (as apply_chat_template's own tokenising assumes).
+        if within_context:
+            return self._encode_within_context(text, False, "messages")
+        return self._encode(text, False)
