@@ -1,36 +1,30 @@
 """`AsyncEngine`: an asyncio front end that streams outputs while a background thread steps the engine.
 
-Requests are validated in the caller (bad input raises `ValueError` before anything is queued);
+Requests are validated in the caller (bad input raises `InvalidRequest` before anything is queued);
 adds and aborts reach the engine thread through a command queue, outputs come back through one
 asyncio queue per request. A consumer that stops early (cancelled task, `aclose()`) aborts its
-request, which frees its KV blocks and state slot.
+request, which frees its KV blocks and state slot. A request the engine failed raises
+`RequestFailed` in its stream while the others go on; if the engine thread dies, every stream and
+every later call raises `EngineDead` and `wait_dead()` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from hyla.runtime.engine import EngineStats, LLMEngine
+from hyla.runtime.errors import DuplicateRequestId, EngineDead, EngineOverloaded, EngineShutdown, RequestFailed
 from hyla.runtime.outputs import CompletionOutput, RequestOutput
 from hyla.runtime.request import Request
 from hyla.runtime.sampling_params import SamplingParams
 
-
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full; retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class EngineShutdown(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,13 +58,15 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._error: BaseException | None = None
+        self._error: EngineDead | None = None
+        self._dead: asyncio.Event | None = None
 
     async def start(self) -> None:
         """Start the background thread (idempotent)."""
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._dead = asyncio.Event()
         self._accepting = True
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="hyla-engine", daemon=True)
@@ -93,24 +89,38 @@ class AsyncEngine:
     def _busy(self) -> bool:
         return bool(self._pending) or not self._commands.empty() or self.engine.has_unfinished_requests()
 
+    @property
+    def failure(self) -> EngineDead | None:
+        """Why the engine died, once it has."""
+        return self._error
+
+    async def wait_dead(self) -> EngineDead:
+        """Return (the error) once the engine thread has died."""
+        await self._dead.wait()
+        return self._error
+
     def _overloaded(self) -> bool:
-        return self._pending + self.engine.stats().num_waiting >= self.max_waiting
+        """More requests queued than the free sequence slots can take plus `max_waiting`."""
+        stats = self.engine.stats()
+        headroom = max(0, self.engine.max_num_seqs - stats.num_running)
+        return self._pending + stats.num_waiting - headroom >= self.max_waiting
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (one per step that advanced it; the last has `finished=True`).
 
-        Raises `ValueError` for bad input and `EngineOverloaded` when the waiting queue is full, both
-        before the first output; leaving the loop early aborts the request.
+        Raises `InvalidRequest` for bad input, `EngineOverloaded` when the waiting queue is full and
+        `EngineShutdown` while stopping, all before the first output; then `RequestFailed` if the
+        engine failed this request and `EngineDead` if it died. Leaving the loop early aborts the request.
         """
+        if self._error is not None:
+            raise self._error
         if not self._accepting:
             raise EngineShutdown("the engine is not running (not started or shutting down)")
-        if self._error is not None:
-            raise RuntimeError("the engine thread failed") from self._error
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise DuplicateRequestId(request_id)
         request = self.engine.make_request(request_id, prompt, params)
         if self._overloaded():
             raise EngineOverloaded(f"{self.max_waiting} requests are already waiting", retry_after=1.0)
@@ -124,15 +134,16 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await stream.get()
-                if isinstance(item, ValueError):
+                if isinstance(item, BaseException):  # a late duplicate id, or the engine died
                     finished = True
                     raise item
-                if isinstance(item, BaseException):
-                    raise RuntimeError("the engine thread failed") from item
                 if isinstance(item, _Aborted):
                     finished = True
                     yield _aborted(last) if last is not None else item.output()
                     return
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailed(item.error)
                 last, finished = item, item.finished
                 yield item
         finally:
@@ -168,10 +179,13 @@ class AsyncEngine:
                     continue
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
-        except BaseException as exc:  # surface to every waiting consumer
-            self._error = exc
+        except BaseException as exc:  # surface to every waiting consumer, then report the death
+            logger.critical("the engine thread died", exc_info=exc)
+            self._error = exc if isinstance(exc, EngineDead) else EngineDead(f"the engine thread died: {exc!r}")
+            self._accepting = False
             for request_id in list(self._streams):
-                self._deliver(request_id, exc)
+                self._deliver(request_id, self._error)
+            self._loop.call_soon_threadsafe(self._dead.set)
 
     def _drain_commands(self) -> None:
         while True:
@@ -183,7 +197,7 @@ class AsyncEngine:
                 if arg.request_id in self._streams:
                     try:
                         self.engine.enqueue(arg)
-                    except ValueError as exc:
+                    except DuplicateRequestId as exc:
                         self._deliver(arg.request_id, exc)
                 with self._lock:
                     self._pending -= 1

@@ -8,10 +8,23 @@ paged, packed context with the same interface.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from hyla.runtime.hf_cache import HybridCache
+
+
+class LinearSlots(NamedTuple):
+    """A linear layer's state pools and the slots of this pass's sequences, updated in place."""
+
+    conv: torch.Tensor | None
+    """`[slots, C, W-1]` conv states, or None without a short conv."""
+    recurrent: torch.Tensor
+    """`[slots, H, K, V]` recurrent states."""
+    index: torch.Tensor
+    """`[N]` the slot of each sequence."""
 
 
 class ForwardContext:
@@ -37,6 +50,10 @@ class ForwardContext:
     def store_linear_state(self, layer_idx: int, conv: torch.Tensor | None, recurrent: torch.Tensor | None) -> None:
         """Keep the states a linear layer leaves at the end of this pass."""
         raise NotImplementedError
+
+    def decode_slots(self, layer_idx: int) -> LinearSlots | None:
+        """On a one-token-per-sequence pass over pooled states: the pools to update in place."""
+        return None
 
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

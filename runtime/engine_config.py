@@ -26,6 +26,8 @@ class EngineConfig:
     block_size: int = 16
     cache_memory: str = "2GiB"
     seed: int = 0
+    enforce_eager: bool = False
+    """No CUDA graphs: every step runs eagerly (graphs are only used on CUDA anyway)."""
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)

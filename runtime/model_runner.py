@@ -1,40 +1,207 @@
-"""`ModelRunner`: packs scheduled chunks into one batch, runs the model, returns the logits asked for."""
+"""`ModelRunner`: owns the cache tensors, prepares each step's inputs on the device, runs the model
+(eagerly, or a captured CUDA graph for decode) and samples the next tokens on the device."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+from hyla.runtime.cache_budget import CachePlan
+from hyla.runtime.cuda_graphs import DecodeGraphs
 from hyla.runtime.kv_cache import PagedKVCache
 from hyla.runtime.model import HybridForCausalLM
-from hyla.runtime.paged_context import PagedContext, SeqChunk
-from hyla.runtime.state_pool import StatePool
+from hyla.runtime.paged_context import PagedContext, StepMetadata
+from hyla.runtime.sampler import sample
+from hyla.runtime.sampling_params import SamplingParams
+from hyla.runtime.scheduler import ScheduledChunk
+
+
+@dataclass
+class ChunkWork:
+    """What the engine wants from one scheduled chunk beyond running it."""
+
+    chunk: ScheduledChunk
+    prompt_rows: list[int]
+    """Chunk-relative rows whose log-probabilities score the prompt."""
+    draws: list[tuple[SamplingParams, int]]
+    """(params, seed) of each token to draw from the chunk's last row."""
+    score_last: bool = False
+    """Return the last row's log-probabilities too (they score the drawn tokens)."""
+
+    @property
+    def logprob_rows(self) -> list[int]:
+        return self.prompt_rows + ([self.chunk.num_tokens - 1] if self.score_last else [])
+
+
+@dataclass
+class ChunkResult:
+    tokens: list[int]
+    prompt_logprobs: torch.Tensor | None
+    """`[len(prompt_rows), V]` fp32 log-probabilities on the CPU, or None when none were asked for."""
+    last_logprobs: torch.Tensor | None
+    """`[V]` log-probabilities of the last row when `score_last`."""
 
 
 class ModelRunner:
-    """Runs `HybridForCausalLM`'s own layers under a `PagedContext`; the LM head only on needed rows."""
+    """Runs `HybridForCausalLM`'s own layers under a `PagedContext`; the LM head only on needed rows.
 
-    def __init__(self, model: HybridForCausalLM, kv: PagedKVCache, states: StatePool) -> None:
-        self.model, self.kv, self.states = model, kv, states
+    The KV pool and state pool hold one extra block and slot that padding rows of a CUDA-graph batch
+    write to. Each sequence's block table lives in row `slot` of a device tensor and only entries
+    that changed are written each step.
+    """
+
+    def __init__(
+        self,
+        model: HybridForCausalLM,
+        plan: CachePlan,
+        dtype: torch.dtype,
+        state_dtype: torch.dtype,
+        max_num_seqs: int,
+        use_cuda_graphs: bool,
+    ) -> None:
+        from hyla.runtime.state_pool import StatePool
+
+        self.model = model
         self.device = next(model.parameters()).device
+        self.block_size = plan.block_size
+        self.max_model_len = plan.max_model_len
+        self.pad_block, self.pad_slot = plan.num_blocks, plan.num_slots
+        self.kv = PagedKVCache(model.config, plan.num_blocks + 1, plan.block_size, dtype, self.device)
+        self.states = StatePool(model.config, plan.num_slots + 1, dtype, state_dtype, self.device)
+        self.max_blocks = math.ceil(plan.max_model_len / plan.block_size)
+        self.block_pool = torch.full(
+            (plan.num_slots + 1, self.max_blocks), self.pad_block, dtype=torch.int32, device=self.device
+        )
+        self._pin = self.device.type == "cuda"
+        self.graphs = None
+        if use_cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self, max_num_seqs)
+            self.graphs.capture()
+
+    # ---- input preparation ----------------------------------------------------------------------
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self._pin)
+        return host.to(self.device, non_blocking=True)
+
+    def _sync_block_tables(self, chunks: list[ScheduledChunk]) -> None:
+        """Write the block-table entries that changed since a sequence's last step."""
+        rows, cols, blocks = [], [], []
+        for c in chunks:
+            seq = c.seq
+            if seq.synced_blocks < len(seq.block_table):
+                for j in range(seq.synced_blocks, len(seq.block_table)):
+                    rows.append(seq.slot)
+                    cols.append(j)
+                    blocks.append(seq.block_table[j])
+                seq.synced_blocks = len(seq.block_table)
+        if rows:
+            r, col, b = self.to_device(rows + cols + blocks).split(len(rows))
+            self.block_pool[r, col] = b.to(torch.int32)
+
+    def metadata(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, state_idx: torch.Tensor,
+        context_lens: torch.Tensor, query_lens: torch.Tensor | None, max_query_len: int,
+    ) -> StepMetadata:
+        """Device metadata from per-token ids/positions and per-chunk slots/lengths (graph-safe:
+        no host syncs; `query_lens` None means one token per chunk)."""
+        block_tables = self.block_pool.index_select(0, state_idx)
+        n = state_idx.shape[0]
+        if query_lens is None:
+            seq_of_token = torch.arange(n, device=self.device)
+            cu = torch.arange(n + 1, device=self.device)
+        else:
+            seq_of_token = torch.repeat_interleave(
+                torch.arange(n, device=self.device), query_lens, output_size=input_ids.shape[0]
+            )
+            cu = torch.nn.functional.pad(query_lens.cumsum(0), (1, 0))
+        blocks = block_tables[seq_of_token, positions // self.block_size].long()
+        return StepMetadata(
+            input_ids=input_ids, positions=positions, slot_mapping=blocks * self.block_size + positions % self.block_size,
+            state_idx=state_idx, block_tables=block_tables, context_lens=context_lens.to(torch.int32),
+            cu_seqlens=cu, max_query_len=max_query_len, max_context_len=self.max_model_len,
+        )
+
+    # ---- running --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(
-        self,
-        chunks: list[SeqChunk],
-        token_ids: list[list[int]],
-        logit_rows: list[list[int]],
-        block_copies: list[tuple[int, int]] = (),
-    ) -> list[torch.Tensor]:
-        """Run `token_ids[i]` (the new tokens of `chunks[i]`); return fp32 logits `[len(rows), V]` for
-        the chunk-relative `logit_rows[i]` of each chunk."""
-        self.kv.copy_blocks(list(block_copies))
-        ctx = PagedContext(chunks, self.kv, self.states, self.device)
-        flat = [t for ids in token_ids for t in ids]
-        input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)[None]
-        hidden = self.model.model(input_ids, ctx)[0]
-        starts = ctx.cu_seqlens[:-1].tolist()
-        rows = [start + r for start, chunk_rows in zip(starts, logit_rows) for r in chunk_rows]
-        if not rows:
-            return [hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32) for _ in chunks]
-        logits = self.model.lm_head(hidden[torch.tensor(rows, device=self.device)]).float()
-        return list(logits.split([len(r) for r in logit_rows]))
+    def execute(self, work: list[ChunkWork], block_copies: list[tuple[int, int]]) -> list[ChunkResult]:
+        """Run every chunk's new tokens, then draw and score what `work` asks for."""
+        chunks = [w.chunk for w in work]
+        self.kv.copy_blocks(block_copies)
+        self._sync_block_tables(chunks)
+        fresh = [c.seq.slot for c in chunks if c.start == 0]
+        if fresh:
+            self.states.zero(self.to_device(fresh))
+        if all(c.num_tokens == 1 for c in chunks) and self.graphs is not None and len(chunks) <= self.graphs.max_batch:
+            logits = self.graphs.run(chunks)
+            last_rows = list(range(len(chunks)))
+            row_of = [[i] for i in range(len(chunks))]
+        else:
+            logits, last_rows, row_of = self._eager(work)
+        return self._postprocess(work, logits, last_rows, row_of)
+
+    def _eager(self, work: list[ChunkWork]) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+        """Eager forward; logits of each chunk's last row and its log-prob rows only."""
+        chunks = [w.chunk for w in work]
+        tokens, positions, offsets = [], [], [0]
+        for c in chunks:
+            tokens += c.seq.token_ids[c.start : c.end]
+            positions += range(c.start, c.end)
+            offsets.append(offsets[-1] + c.num_tokens)
+        n, t = len(chunks), len(tokens)
+        host = (tokens + positions + [c.seq.slot for c in chunks] + [c.end for c in chunks]
+                + [c.num_tokens for c in chunks])
+        ids, pos, slots, lens, qlens = self.to_device(host).split([t, t, n, n, n])
+        meta = self.metadata(ids, pos, slots, lens, qlens, max(c.num_tokens for c in chunks))
+        hidden = self.model.model(ids[None], PagedContext(meta, self.kv, self.states))[0]
+        rows, last_rows, row_of = [], [], []
+        for w, start in zip(work, offsets):
+            last_rows.append(len(rows))
+            rows.append(start + w.chunk.num_tokens - 1)
+            row_of.append([len(rows) + i for i in range(len(w.logprob_rows))])
+            rows += [start + r for r in w.logprob_rows]
+        return self.model.lm_head(hidden[self.to_device(rows)]), last_rows, row_of
+
+    def _postprocess(
+        self, work: list[ChunkWork], logits: torch.Tensor, last_rows: list[int], row_of: list[list[int]]
+    ) -> list[ChunkResult]:
+        logits = logits.float()
+        draw_rows, params, seeds, positions = [], [], [], []
+        for w, last in zip(work, last_rows):
+            for p, seed in w.draws:
+                draw_rows.append(last)
+                params.append(p)
+                seeds.append(seed)
+                positions.append(w.chunk.seq.num_tokens)
+        tokens: list[int] = []
+        if draw_rows:
+            rows = self.to_device(draw_rows)
+            greedy = all(p.greedy for p in params)
+            if greedy:
+                drawn = logits[rows].argmax(-1)
+            else:
+                fp = torch.tensor([[0.0 if p.greedy else p.temperature, p.top_p] for p in params])
+                ints = self.to_device([p.top_k for p in params] + seeds + positions).split(len(params))
+                fp = fp.to(self.device, non_blocking=True)
+                drawn = sample(logits[rows], fp[:, 0], ints[0], fp[:, 1], ints[1], ints[2])
+            tokens = drawn.tolist()
+        results, used = [], 0
+        wanted = [r for w, rows in zip(work, row_of) for r in (rows if w.logprob_rows else [])]
+        scored = logits[self.to_device(wanted)].log_softmax(-1).cpu() if wanted else None
+        at = 0
+        for w, rows in zip(work, row_of):
+            prompt = last = None
+            if w.logprob_rows:
+                mine = scored[at : at + len(rows)]
+                at += len(rows)
+                prompt = mine[: len(w.prompt_rows)] if w.prompt_rows else None
+                last = mine[-1] if w.score_last else None
+            results.append(ChunkResult(tokens[used : used + len(w.draws)], prompt, last))
+            used += len(w.draws)
+        return results
+
+    def copy_state(self, src: int, dst: int) -> None:
+        self.states.copy(src, dst)

@@ -14,7 +14,8 @@ class CompletionOutput:
 
     `text` / `token_ids` hold everything generated up to now; `text_delta` / `token_ids_delta`
     what this engine step added. `finish_reason` is None while running, then "stop" (EOS, stop
-    token or stop string), "length" (max_tokens or the context limit) or "abort".
+    token or stop string), "length" (max_tokens or the context limit) or "abort" (also when the
+    engine failed the request: `RequestOutput.error` then says why).
     """
 
     index: int
@@ -43,3 +44,5 @@ class RequestOutput:
     finished: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
     """arrival / first_token / finished timestamps (time.monotonic()) for latency metrics."""
+    error: str | None = None
+    """Set when the engine failed this request (it is finished, its cache freed; others carry on)."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from hyla.runtime.detokenizer import IncrementalDetokenizer
 from hyla.runtime.outputs import TokenLogprobs
 from hyla.runtime.sampling_params import SamplingParams
@@ -25,12 +23,15 @@ class Sequence:
     index: int
     token_ids: list[int]
     detokenizer: IncrementalDetokenizer | None
-    generator: torch.Generator | None = None
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     slot: int | None = None
     spare_slots: list[int] = field(default_factory=list)
     """Slots reserved for the siblings a not-yet-forked sequence will spawn."""
+    synced_blocks: int = 0
+    """Leading entries of `block_table` already written to the runner's device block table."""
+    seed: int = 0
+    """Seed of this continuation's random draws (with the position, it fixes every draw)."""
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -73,12 +74,16 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     order: int
+    seed: int = 0
+    """Seed of the request's random draws (its continuations derive theirs from it)."""
     arrival: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    error: str | None = None
+    """Why the engine failed this request, if it did."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,4 +1,7 @@
-"""`StatePool`: fixed-size per-sequence state of the linear layers, one slot per running sequence."""
+"""`StatePool`: the tensors holding every linear layer's per-sequence state, one row per state slot.
+
+Which slot belongs to which sequence is the `CacheManager`'s business; this class only stores.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,7 @@ from hyla.runtime.config import HybridConfig
 
 class StatePool:
     """Conv state `[layers, slots, 3·H·D, W-1]` (model dtype) and recurrent state
-    `[layers, slots, H, D, D]` (`state_dtype`) of every linear layer.
-
-    A slot is zeroed when it is handed out, so a new sequence never sees its predecessor's state.
-    """
+    `[layers, slots, H, D, D]` (`state_dtype`) of every linear layer."""
 
     def __init__(
         self,
@@ -20,7 +20,7 @@ class StatePool:
         num_slots: int,
         dtype: torch.dtype,
         state_dtype: torch.dtype,
-        device: torch.device,
+        device: torch.device | str,
     ) -> None:
         self.num_slots = num_slots
         self.layer_index = {layer: i for i, layer in enumerate(config.linear_layers)}
@@ -30,26 +30,17 @@ class StatePool:
             torch.zeros(n, num_slots, 3 * h * d, width, dtype=dtype, device=device) if width > 0 else None
         )
         self.recurrent = torch.zeros(n, num_slots, h, d, d, dtype=state_dtype, device=device)
-        self._free = list(range(num_slots - 1, -1, -1))
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(conv `[slots, C, W-1]` or None, recurrent `[slots, H, D, D]`) views of one layer."""
+        i = self.layer_index[layer_idx]
+        return (None if self.conv is None else self.conv[i]), self.recurrent[i]
 
-    @property
-    def num_used(self) -> int:
-        return self.num_slots - len(self._free)
-
-    def allocate(self) -> int:
-        """A free slot, zeroed."""
-        slot = self._free.pop()
+    def zero(self, slots: torch.Tensor) -> None:
+        """Clear `slots` for sequences that start from their first token."""
         if self.conv is not None:
-            self.conv[:, slot].zero_()
-        self.recurrent[:, slot].zero_()
-        return slot
-
-    def free(self, slot: int) -> None:
-        self._free.append(slot)
+            self.conv.index_fill_(1, slots, 0)
+        self.recurrent.index_fill_(1, slots, 0)
 
     def copy(self, src: int, dst: int) -> None:
         """Give slot `dst` the states of slot `src` (forking a sequence)."""
@@ -58,16 +49,15 @@ class StatePool:
         self.recurrent[:, dst] = self.recurrent[:, src]
 
     def load(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(conv, recurrent) states of `slots` for one linear layer."""
-        i = self.layer_index[layer_idx]
-        conv = None if self.conv is None else self.conv[i, slots]
-        return conv, self.recurrent[i, slots]
+        """(conv, recurrent) states of `slots` for one linear layer (copies)."""
+        conv, recurrent = self.layer(layer_idx)
+        return (None if conv is None else conv[slots]), recurrent[slots]
 
     def store(
         self, layer_idx: int, slots: torch.Tensor, conv: torch.Tensor | None, recurrent: torch.Tensor | None
     ) -> None:
-        i = self.layer_index[layer_idx]
-        if conv is not None and self.conv is not None:
-            self.conv[i].index_copy_(0, slots, conv.to(self.conv.dtype))
+        conv_pool, recurrent_pool = self.layer(layer_idx)
+        if conv is not None and conv_pool is not None:
+            conv_pool.index_copy_(0, slots, conv.to(conv_pool.dtype))
         if recurrent is not None:
-            self.recurrent[i].index_copy_(0, slots, recurrent.to(self.recurrent.dtype))
+            recurrent_pool.index_copy_(0, slots, recurrent.to(recurrent_pool.dtype))

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from hyla.convert.transfer import hybrid_from_teacher
-from hyla.runtime.async_engine import AsyncEngine, EngineOverloaded
+from hyla.runtime.async_engine import AsyncEngine
+from hyla.runtime.errors import EngineOverloaded
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
 from hyla.runtime.sampling_params import SamplingParams

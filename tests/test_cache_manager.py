@@ -7,6 +7,7 @@ import torch
 
 from hyla.runtime.block_manager import BlockManager
 from hyla.runtime.cache_budget import max_concurrent, parse_memory, plan_cache
+from hyla.runtime.cache_manager import CacheManager
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.info import CacheSizes, cache_sizes
 from hyla.runtime.state_pool import StatePool
@@ -48,22 +49,46 @@ def tiny_hybrid_config() -> HybridConfig:
                         num_attention_heads=2, num_key_value_heads=1, layer_types=["gdn", "attention", "gla"])
 
 
-def test_state_slots_are_zeroed_when_reused_and_copied_on_fork() -> None:
-    pool = StatePool(tiny_hybrid_config(), num_slots=2, dtype=torch.float32, state_dtype=torch.bfloat16, device="cpu")
-    assert pool.recurrent.dtype == torch.bfloat16 and pool.recurrent.shape[:2] == (2, 2)
-    a = pool.allocate()
-    slots = torch.tensor([a])
+def test_state_pool_zeroes_copies_and_stores_by_slot() -> None:
+    pool = StatePool(tiny_hybrid_config(), num_slots=3, dtype=torch.float32, state_dtype=torch.bfloat16, device="cpu")
+    assert pool.recurrent.dtype == torch.bfloat16 and pool.recurrent.shape[:2] == (2, 3)
+    slots = torch.tensor([0])
     conv, rec = pool.load(0, slots)
     pool.store(0, slots, torch.ones_like(conv), torch.ones_like(rec))
     pool.store(2, slots, torch.ones_like(conv), torch.ones_like(rec))
-    b = pool.allocate()
-    pool.copy(a, b)
-    assert bool((pool.recurrent[:, b] == 1).all()) and bool((pool.conv[:, b] == 1).all())
-    pool.free(a)
-    assert pool.num_free == 1 and pool.num_used == 1
-    again = pool.allocate()
-    assert again == a
-    assert not pool.recurrent[:, again].any() and not pool.conv[:, again].any()
+    pool.copy(0, 1)
+    assert bool((pool.recurrent[:, 1] == 1).all()) and bool((pool.conv[:, 1] == 1).all())
+    pool.zero(torch.tensor([0]))
+    assert not pool.recurrent[:, 0].any() and not pool.conv[:, 0].any()
+    assert bool((pool.recurrent[:, 1] == 1).all()) and not pool.recurrent[:, 2].any()
+    conv_view, rec_view = pool.layer(2)
+    assert rec_view.data_ptr() == pool.recurrent[1].data_ptr() and conv_view.shape == pool.conv.shape[1:]
+
+
+def test_cache_manager_admits_forks_and_releases() -> None:
+    from hyla.runtime.request import Request, Sequence
+    from hyla.runtime.sampling_params import SamplingParams
+
+    cache = CacheManager(num_blocks=8, block_size=4, num_slots=3)
+    request = Request("r", None, list(range(6)), SamplingParams(n=2, max_tokens=4), 0)
+    parent = Sequence(request, 0, list(range(6)), None)
+    request.seqs.append(parent)
+    assert cache.can_admit(parent, 6)
+    assert cache.admit(parent, 6) == [] and len(parent.block_table) == 2
+    assert parent.slot is not None and len(parent.spare_slots) == 1 and cache.num_free_slots == 1
+    parent.num_computed = 6
+    parent.token_ids.append(9)
+    child = Sequence(request, 1, list(parent.token_ids), None, num_computed=6)
+    cache.fork(parent, child)
+    assert child.block_table == parent.block_table and child.slot not in (parent.slot, None)
+    parent.synced_blocks = child.synced_blocks = 2
+    copies = cache.grow(child, 7)  # appends into the shared half-full block: copy on write
+    assert len(copies) == 1 and child.synced_blocks == 1 and child.block_table[-1] != parent.block_table[-1]
+    big = Sequence(request, 2, list(range(40)), None)
+    assert not cache.can_admit(big, 40)
+    cache.release(child)
+    cache.release(parent)
+    assert cache.num_free_slots == 3 and cache.blocks.num_used == 0 and parent.slot is None
 
 
 def test_parse_memory() -> None:

@@ -105,7 +105,7 @@ def test_reused_slot_does_not_leak_state(models) -> None:
     params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0)
     fresh = engine(model).generate([second], params)[0]
     eng = engine(model, max_num_seqs=1)
-    assert eng.states.num_slots == 1
+    assert eng.scheduler.cache.num_slots == 1
     eng.generate([first], params)
     reused = eng.generate([second], params)[0]
     assert reused.outputs[0].token_ids == fresh.outputs[0].token_ids

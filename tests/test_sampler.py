@@ -4,44 +4,72 @@ from __future__ import annotations
 
 import torch
 
-from hyla.runtime.sampler import filter_logits, sample, token_logprobs
-from hyla.runtime.sampling_params import SamplingParams
+from hyla.runtime.sampler import filter_logits, sample, token_logprobs, uniform_noise
 
 
 def logits_rows() -> torch.Tensor:
     return torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
 
 
+def draw(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+         seeds: list[int] | None = None, positions: list[int] | None = None) -> list[int]:
+    r = logits.shape[0]
+    return sample(
+        logits, torch.full((r,), temperature), torch.full((r,), top_k), torch.full((r,), top_p),
+        torch.tensor(seeds if seeds is not None else [0] * r), torch.tensor(positions or list(range(r))),
+    ).tolist()
+
+
 def test_greedy_and_degenerate_filters_pick_the_argmax() -> None:
     logits = logits_rows()
     best = logits.argmax(-1).tolist()
-    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(top_p=1e-6),
-              SamplingParams(temperature=1e-4)]
-    gens = [None] + [torch.Generator().manual_seed(i) for i in range(3)]
-    assert sample(logits, params, gens) == best
+    assert draw(logits, temperature=0) == best
+    assert draw(logits, top_k=1) == best
+    assert draw(logits, top_p=1e-6) == best
+    assert draw(logits, temperature=1e-4) == best
+    mixed = sample(logits, torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0, 1, 0, 1]), torch.ones(4),
+                   torch.zeros(4, dtype=torch.long), torch.arange(4)).tolist()
+    assert mixed == best
 
 
 def test_top_k_and_top_p_keep_the_right_tokens() -> None:
-    row = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = lambda x: torch.isfinite(x).nonzero().flatten().tolist()  # noqa: E731
-    assert kept(filter_logits(row, 1.0, 2, 1.0)) == [0, 1]
-    assert kept(filter_logits(row, 1.0, 0, 0.5)) == [0]
-    assert kept(filter_logits(row, 1.0, 0, 0.75)) == [0, 1]
-    assert kept(filter_logits(row, 1.0, 0, 0.9)) == [0, 1, 2]
-    assert kept(filter_logits(row, 1.0, -1, 1.0)) == [0, 1, 2, 3]
+    row = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda x: torch.isfinite(x[0]).nonzero().flatten().tolist()  # noqa: E731
+    one = torch.ones(1)
+    k = lambda n: torch.tensor([n])  # noqa: E731
+    assert kept(filter_logits(row, one, k(2), one)) == [0, 1]
+    assert kept(filter_logits(row, one, k(0), one * 0.5)) == [0]
+    assert kept(filter_logits(row, one, k(0), one * 0.75)) == [0, 1]
+    assert kept(filter_logits(row, one, k(0), one * 0.9)) == [0, 1, 2]
+    assert kept(filter_logits(row, one, k(-1), one)) == [0, 1, 2, 3]
+    rows = torch.cat([row, row])  # per-row parameters in one batch
+    both = filter_logits(rows, torch.ones(2), torch.tensor([2, 0]), torch.tensor([1.0, 0.5]))
+    assert kept(both[:1]) == [0, 1] and kept(both[1:]) == [0]
 
 
 def test_seeded_sampling_is_reproducible_and_follows_the_distribution() -> None:
     probs = torch.tensor([0.6, 0.3, 0.1])
     logits = probs.log()[None].expand(4000, -1)
-    params = [SamplingParams(temperature=1.0)] * 4000
-    draw = lambda seed: sample(logits, params, [torch.Generator().manual_seed(seed)] * 4000)  # noqa: E731
-    first = draw(3)
-    assert first == draw(3) and first != draw(4)
+    positions = list(range(4000))
+    first = draw(logits, seeds=[3] * 4000, positions=positions)
+    assert first == draw(logits, seeds=[3] * 4000, positions=positions)
+    assert first != draw(logits, seeds=[4] * 4000, positions=positions)
+    # a row's draw depends on its own seed and position only, not on the rest of the batch
+    assert draw(logits[:1], seeds=[3], positions=[17]) == [first[17]]
     freq = torch.bincount(torch.tensor(first), minlength=3).float() / 4000
     assert (freq - probs).abs().max() < 0.03
-    hot = sample(logits, [SamplingParams(temperature=5.0)] * 4000, [torch.Generator().manual_seed(3)] * 4000)
+    across_seeds = draw(logits, seeds=list(range(4000)), positions=[5] * 4000)
+    assert (torch.bincount(torch.tensor(across_seeds), minlength=3).float() / 4000 - probs).abs().max() < 0.03
+    hot = draw(logits, temperature=5.0, seeds=[3] * 4000, positions=positions)
     assert torch.bincount(torch.tensor(hot), minlength=3)[2] > 4000 * 0.2  # flatter at high temperature
+
+
+def test_uniform_noise_is_uniform_and_any_seed_works() -> None:
+    seeds = torch.tensor([0, -1, 2**63 - 1, -(2**63)])
+    u = uniform_noise(seeds, torch.tensor([0, 1, 2, 3]), 20000)
+    assert bool(((u > 0) & (u < 1)).all())
+    assert (u.mean() - 0.5).abs() < 0.01 and (u.var() - 1 / 12).abs() < 0.005
+    assert not torch.equal(u[0], u[1])
 
 
 def test_token_logprobs_ranks_and_top_n() -> None:

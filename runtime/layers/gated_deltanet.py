@@ -12,6 +12,7 @@ from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
 from hyla.runtime.layers.linear_mixer import LinearMixer
 from hyla.runtime.ops import gated_delta_rule
+from hyla.runtime.ops.state_decode import gdn_decode_
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -42,10 +43,14 @@ class GatedDeltaNet(LinearMixer):
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v, conv_state = self.project_qkv(x, ctx)
+        slots = ctx.decode_slots(self.layer_idx)
+        q, k, v, conv_state = self.project_qkv(x, ctx, slots)
         q, k = l2_normalize(q), l2_normalize(k)
         beta = torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        if slots is not None:
+            o = gdn_decode_(q[0], k[0], v[0], g[0], beta[0], slots.recurrent, slots.index, self.head_dim**-0.5)
+            return self.project_out(o[None], x)
         o, state = gated_delta_rule(
             q, k, v, g, beta, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens
         )

@@ -10,6 +10,7 @@ from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
 from hyla.runtime.layers.linear_mixer import LinearMixer
 from hyla.runtime.ops import gated_linear_attention
+from hyla.runtime.ops.state_decode import gla_decode_
 
 GATE_LOGIT_NORMALIZER = 16.0
 
@@ -24,9 +25,13 @@ class GatedLinearAttention(LinearMixer):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v, conv_state = self.project_qkv(x, ctx)
+        slots = ctx.decode_slots(self.layer_idx)
+        q, k, v, conv_state = self.project_qkv(x, ctx, slots)
         gk = F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / GATE_LOGIT_NORMALIZER
         gk = gk.view(b, t, self.num_heads, self.head_dim)
+        if slots is not None:
+            o = gla_decode_(q[0], k[0], v[0], gk[0], slots.recurrent, slots.index, self.head_dim**-0.5)
+            return self.project_out(o[None], x)
         o, state = gated_linear_attention(
             q, k, v, gk, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens
         )

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyla.runtime.config import HybridConfig
-from hyla.runtime.context import ForwardContext
+from hyla.runtime.context import ForwardContext, LinearSlots
 from hyla.runtime.layers.norm import RMSNorm
 from hyla.runtime.ops import short_conv
+from hyla.runtime.ops.state_decode import short_conv_decode_
 
 
 class LinearMixer(nn.Module):
@@ -43,15 +44,18 @@ class LinearMixer(nn.Module):
                 self.conv_weight[:, -1] = 1.0
 
     def project_qkv(
-        self, x: torch.Tensor, ctx: ForwardContext
+        self, x: torch.Tensor, ctx: ForwardContext, slots: LinearSlots | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """q, k, v `[B, T, H, D]` after conv + SiLU, and the new conv state."""
+        """q, k, v `[B, T, H, D]` after conv + SiLU, and the new conv state (None when `slots` took it
+        in place)."""
         b, t, _ = x.shape
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         if ctx.token_mask is not None:
             qkv = torch.where(ctx.token_mask[..., None], qkv, torch.zeros((), dtype=qkv.dtype, device=qkv.device))
         conv_state = None
-        if self.conv_weight is not None:
+        if self.conv_weight is not None and slots is not None:
+            qkv = short_conv_decode_(qkv[0], self.conv_weight.to(qkv.dtype), slots.conv, slots.index)[None]
+        elif self.conv_weight is not None:
             qkv, conv_state = short_conv(
                 qkv,
                 self.conv_weight.to(qkv.dtype),
