@@ -88,7 +88,7 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
             served, stats = self.served, self.served.engine.stats()
             return pb.ModelInfoResponse(
                 model=served.name, max_model_len=served.max_model_len, vocab_size=served.vocab_size,
-                layer_types=served.layer_types, eos_token_ids=served.eos_token_ids,
+                layer_types=served.layer_types, eos_token_ids=served.engine.engine.eos_token_ids,
                 max_num_seqs=served.engine.engine.max_num_seqs,
                 kv_blocks_total=stats.kv_blocks_total, kv_blocks_used=stats.kv_blocks_used,
                 state_slots_total=stats.state_slots_total, state_slots_used=stats.state_slots_used,

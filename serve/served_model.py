@@ -55,10 +55,6 @@ class ServedModel:
     def layer_types(self) -> str:
         return layer_pattern(self.config)
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return sorted(self.engine.engine._eos)
-
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
             raise model_not_found(model, self.name)
