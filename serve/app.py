@@ -5,8 +5,9 @@ SIGTERM / SIGINT drain: both front ends stop taking requests (HTTP closes its li
 finish (up to `drain_timeout` seconds; requests still running then are answered with a
 `shutting_down` error), then the engine shuts down and the process exits 0.
 
-If the engine dies, `/health` answers 503, gRPC health reports NOT_SERVING, the server drains as above
-and `failure` holds the engine's error (the CLI then exits non-zero, for a supervisor to restart it).
+If the engine dies, `/health` answers 503 and gRPC health reports NOT_SERVING for `DEAD_LINGER` seconds
+(probes and load balancers see why), then the server drains as above; `failure` holds the engine's
+error and the CLI exits non-zero, for a supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hyla.serve.served_model import DEFAULT_MAX_REQUEST_TOKENS, ServedModel
 
 logger = logging.getLogger(__name__)
 CUT_OFF_GRACE = 5.0  # seconds the front ends wait past drain_timeout for cut-off requests to answer
+DEAD_LINGER = 1.0  # seconds a server with a dead engine reports unhealthy before it drains and exits
 
 
 @dataclass
@@ -161,6 +163,7 @@ class HylaServer:
         self.served.alive = False
         if self.grpc is not None:
             await self.grpc.not_serving()
+        await asyncio.sleep(DEAD_LINGER)
         self._begin_drain()
 
     async def wait_closed(self) -> None:
