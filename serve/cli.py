@@ -96,7 +96,9 @@ def serve(
     if api_key is None and os.environ.get("HYLA_API_KEY") is not None:
         api_key = os.environ["HYLA_API_KEY"]  # set but empty: click reads that as unset
     if api_key is not None and not api_key.strip():
-        raise typer.BadParameter("the API key is empty; give a real key or none at all", param_hint="--api-key / HYLA_API_KEY")
+        raise typer.BadParameter(
+            "the API key is empty; give a real key or none at all", param_hint="--api-key / HYLA_API_KEY"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":

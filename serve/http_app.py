@@ -19,6 +19,7 @@ import hyla
 from hyla.serve.auth import ApiKeyCheck
 from hyla.serve.errors import APIError, internal_error, too_large, validation_error
 from hyla.serve.http_guards import OPEN_PATHS, ApiKeyGuard, BodyLimit, HostCheck, HostPolicy, error_response
+from hyla.serve.protocol import SEED_MAX, SEED_MIN
 from hyla.serve.routes_chat import router as chat_router
 from hyla.serve.routes_completions import router as completions_router
 from hyla.serve.routes_info import metrics_router, models_router, open_router, tokenizer_router
@@ -58,6 +59,18 @@ class RequestCounter:
             await self.app(scope, receive, recording_send)
         finally:
             self.served.metrics.count("http", self.endpoint(scope), status)
+
+
+def bound_token_ids(schema: Any, vocab_size: int) -> None:
+    """Give every token-id schema (titled TokenId) the vocabulary's upper bound."""
+    if isinstance(schema, dict):
+        if schema.get("title") == "TokenId":
+            schema["maximum"] = vocab_size - 1
+        for value in schema.values():
+            bound_token_ids(value, vocab_size)
+    elif isinstance(schema, list):
+        for value in schema:
+            bound_token_ids(value, vocab_size)
 
 
 def documented_key() -> Any:
@@ -116,14 +129,23 @@ def build_app(
         return error_response(internal_error())
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema minus its 422 responses: validation errors are OpenAI-style 400s here."""
+        """FastAPI's schema minus its 422 responses (validation errors are OpenAI-style 400s here), with what
+        this server accepts: its model name, the vocabulary's token ids, exact seed bounds."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
                     operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            for component in components.values():
+                properties = component.get("properties", {})
+                if "anyOf" in properties.get("model", {}):
+                    properties["model"]["anyOf"] = [{"type": "string", "enum": [served.name]}, {"type": "null"}]
+                if "seed" in properties:  # FastAPI writes bounds as floats, and 2**64 - 1 does not survive that
+                    properties["seed"]["anyOf"][0].update(minimum=SEED_MIN, maximum=SEED_MAX)
+            bound_token_ids(components, served.vocab_size)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -25,8 +25,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, title="TokenId")]  # the served spec adds the vocabulary bound
 TokenIdList = Annotated[list[TokenId], Field(min_length=1)]
+NonEmptyText = Annotated[str, Field(min_length=1)]
 
 
 def one_message(message: str) -> WrapValidator:
@@ -42,8 +43,8 @@ def one_message(message: str) -> WrapValidator:
 
 
 Prompt = Annotated[
-    str
-    | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_PROMPTS)]
     | TokenIdList
     | Annotated[list[TokenIdList], Field(min_length=1, max_length=MAX_PROMPTS)],
     one_message(
@@ -52,7 +53,7 @@ Prompt = Annotated[
     ),
 ]
 Stop = Annotated[
-    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] | None,
+    NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)] | None,
     one_message(f"stop must be a string or a list of at most {MAX_STOP} non-empty strings"),
 ]
 
@@ -173,6 +174,11 @@ class ChatCompletionRequest(SamplingFields):
 
 class TokenizeRequest(RequestBody):
     """Either `prompt` (plain text) or `messages` (rendered with the chat template)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]})
 
     model: str | None = None
     prompt: str | None = None

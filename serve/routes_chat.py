@@ -62,7 +62,7 @@ async def create_chat_completion(
     try:
         prompt = await unless_disconnected(request, served.chat_prompt(body.messages))
         max_tokens = limit if limit is not None else max(served.max_model_len - len(prompt), 1)
-        params = sampling_params(body, max_tokens, top)
+        params = sampling_params(served, body, max_tokens, top)
         served.check_cost([len(prompt)], params, echo=False)
         engine_request = served.request(prompt, params, chat_id, param="messages")
         await unless_disconnected(request, engine_request.open())

@@ -96,7 +96,7 @@ async def create_completion(
     if body.best_of is not None and body.best_of != body.n:
         raise unsupported("best_of", "best_of other than n")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    params = sampling_params(body, body.max_tokens, body.logprobs, prompt_logprobs)
+    params = sampling_params(served, body, body.max_tokens, body.logprobs, prompt_logprobs)
     prompts = prompts_of(body)
     completion_id = new_id("cmpl")
     created = int(time.time())

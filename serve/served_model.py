@@ -74,11 +74,13 @@ class ServedModel:
         for request in list(self._live):
             await request.cut_off()
 
-    @staticmethod
-    def sampling_params(**fields: Any) -> SamplingParams:
-        """Engine sampling parameters, with the same limits for both front ends."""
+    def sampling_params(self, **fields: Any) -> SamplingParams:
+        """Engine sampling parameters, with the same limits for both front ends (a top_k past the vocabulary
+        filters nothing, and is passed on as off)."""
         if len(fields.get("stop") or ()) > MAX_STOP:
             raise bad_request(f"stop: at most {MAX_STOP} stop strings", param="stop")
+        if fields.get("top_k", 0) >= self.vocab_size:
+            fields["top_k"] = 0
         try:
             return SamplingParams(**fields)
         except ValueError as error:
