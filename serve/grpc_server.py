@@ -107,8 +107,8 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
             yield
         except APIError as error:
             code = status_code(error)
-            if code == grpc.StatusCode.INTERNAL:
-                logger.error("%s failed: %s", method, error.message)
+            log = logger.error if code == grpc.StatusCode.INTERNAL else logger.info
+            log("%s -> %s: %s", method, code.name, error.message)
             metadata = tuple((k.lower(), v) for k, v in error.headers().items())
             await context.abort(code, error.message, trailing_metadata=metadata)
         except asyncio.CancelledError:
