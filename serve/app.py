@@ -41,6 +41,7 @@ class ServerSettings:
     Host headers, the bound host's and `allowed_hosts` ("*": any)."""
 
     model_name: str
+    model_aliases: tuple[str, ...] = ()  # other names requests may use (e.g. the model's path)
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int | None = 50051
@@ -103,7 +104,7 @@ class HylaServer:
     def __init__(self, engine: LLMEngine, settings: ServerSettings) -> None:
         self.settings = settings
         self.engine = AsyncEngine(engine, max_waiting=settings.max_waiting)
-        self.served = ServedModel(self.engine, settings.model_name, settings.max_request_tokens)
+        self.served = ServedModel(self.engine, settings.model_name, settings.max_request_tokens, settings.model_aliases)
         hosts = HostPolicy(settings.host, settings.allowed_hosts)
         self.app = build_app(self.served, settings.api_key, settings.max_body_bytes, hosts, settings.metrics_auth)
         self.grpc: GrpcFrontEnd | None = None  # grpc.aio binds to the loop it is made in: made in start()

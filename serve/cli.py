@@ -61,12 +61,13 @@ def serve(
     api_key: str | None = typer.Option(
         None, envvar="HYLA_API_KEY", help="Require `Authorization: Bearer KEY` (HTTP header / gRPC metadata)."
     ),
-    metrics_auth: bool = typer.Option(False, help="Require the API key on /metrics too (default: open to scrapers)."),
+    metrics_auth: bool = typer.Option(False, "--metrics-auth", help="Require the API key on /metrics too (default: open)."),
     allowed_hosts: list[str] = typer.Option(
         [], help="Host headers HTTP accepts besides loopback ones and the bound host; '*': any. Repeatable."
     ),
     served_model_name: str | None = typer.Option(
-        None, help="Model name clients send (default: the model folder's name, or MODEL as given)."
+        None, help="Model name the server reports (default: the model folder's name, or MODEL as given); "
+        "requests may also name MODEL as given."
     ),
     max_model_len: int | None = typer.Option(None, min=2, help="Context length (default: the model's, capped at 8192)."),
     cache_memory: str = typer.Option("2GiB", help="KV + state cache budget: bytes ('2GiB') or a fraction of free memory."),
@@ -114,7 +115,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key; anyone who can reach it can use it", err=True)
     settings = ServerSettings(
-        model_name=served_model_name or default_model_name(model), host=host, port=port,
+        model_name=served_model_name or default_model_name(model), model_aliases=(model,), host=host, port=port,
         grpc_port=None if grpc_port < 0 else grpc_port, api_key=api_key, metrics_auth=metrics_auth,
         allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
         max_waiting=max_waiting, drain_timeout=drain_timeout, log_level="warning" if quiet else "info",

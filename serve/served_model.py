@@ -36,10 +36,17 @@ class ServedModel:
     echoed prompt tokens), which is also what bounds the size of its response.
     """
 
-    def __init__(self, engine: AsyncEngine, name: str, max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        name: str,
+        max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
+        aliases: tuple[str, ...] = (),
+    ) -> None:
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
         self.name = name
+        self.aliases = aliases  # also accepted in requests, never shown
         self.max_request_tokens = max_request_tokens
         self.max_model_len: int = engine.engine.max_model_len
         self.config = engine.engine.model.config
@@ -56,7 +63,7 @@ class ServedModel:
         return layer_pattern(self.config)
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
+        if model is not None and model != self.name and model not in self.aliases:
             raise model_not_found(model, self.name)
 
     def request(

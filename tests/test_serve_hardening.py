@@ -60,8 +60,8 @@ def reference(model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir, reference):
-    settings = ServerSettings(NAME, port=0, grpc_port=0, api_key=KEY, max_request_tokens=MAX_REQUEST_TOKENS,
-                              log_level="warning")
+    settings = ServerSettings(NAME, model_aliases=(str(model_dir),), port=0, grpc_port=0, api_key=KEY,
+                              max_request_tokens=MAX_REQUEST_TOKENS, log_level="warning")
     with ServerThread(new_engine(model_dir), settings) as running:
         yield running
 
@@ -149,7 +149,7 @@ def test_odd_and_hostile_http_requests_then_still_serving(server, http, stub, re
     assert_serves_correctly(server, http, stub, reference)
 
 
-def test_openai_client_with_tool_turns_ignored_fields_and_hub_style_id(server, reference):
+def test_openai_client_with_tool_turns_ignored_fields_and_hub_style_id(server, model_dir, reference):
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0)
     assert client.models.retrieve(NAME).id == NAME and [m.id for m in client.models.list().data] == [NAME]
     with pytest.raises(openai.NotFoundError, match="serves 'tests/tiny'"):
@@ -166,6 +166,8 @@ def test_openai_client_with_tool_turns_ignored_fields_and_hub_style_id(server, r
     assert caught.value.code == "unsupported_parameter"
     completion = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0)
     assert completion.choices[0].text == reference
+    by_path = client.completions.create(model=str(model_dir), prompt=PROMPT, max_tokens=8, temperature=0)
+    assert by_path.model == NAME and by_path.choices[0].text == reference  # accepted, never shown
 
 
 def sse_events(response: httpx.Response) -> list[str]:
