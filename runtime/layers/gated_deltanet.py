@@ -10,14 +10,25 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
+from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.linear_mixer import LinearMixer
 from hyla.runtime.ops import gated_delta_rule
 from hyla.runtime.ops.state_decode import gdn_decode_
 
 
+@fused
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / ||x|| over the last dim (zero stays zero)."""
     return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
+
+
+@fused
+def gdn_gates(
+    a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-decay g = -exp(A_log)·softplus(a + dt_bias) and beta = sigmoid(b), in fp32."""
+    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, torch.sigmoid(b.float())
 
 
 class GatedDeltaNet(LinearMixer):
@@ -46,8 +57,7 @@ class GatedDeltaNet(LinearMixer):
         slots = ctx.decode_slots(self.layer_idx)
         q, k, v, conv_state = self.project_qkv(x, ctx, slots)
         q, k = l2_normalize(q), l2_normalize(k)
-        beta = torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
         if slots is not None:
             o = gdn_decode_(q[0], k[0], v[0], g[0], beta[0], slots.recurrent, slots.index, self.head_dim**-0.5)
             return self.project_out(o[None], x)

@@ -9,7 +9,8 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext, LinearSlots
-from hyla.runtime.layers.norm import RMSNorm
+from hyla.runtime.layers.fusion import fused
+from hyla.runtime.layers.norm import RMSNorm, rms_norm
 from hyla.runtime.ops import short_conv
 from hyla.runtime.ops.state_decode import short_conv_decode_
 
@@ -71,8 +72,14 @@ class LinearMixer(nn.Module):
     def project_out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o_proj(RMSNorm(o) * SiLU(g_proj(x)))."""
         b, t, _ = x.shape
-        gate = F.silu(self.g_proj(x)).view(b, t, self.num_heads, self.head_dim)
-        return self.o_proj((self.o_norm(o.to(x.dtype)) * gate).reshape(b, t, -1))
+        gate = self.g_proj(x).view(b, t, self.num_heads, self.head_dim)
+        return self.o_proj(gated_rms_norm(o.to(x.dtype), self.o_norm.weight, self.o_norm.eps, gate).reshape(b, t, -1))
 
     def recurrent_state(self, ctx: ForwardContext) -> torch.Tensor | None:
         return ctx.linear_state(self.layer_idx)[1]
+
+
+@fused
+def gated_rms_norm(o: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor) -> torch.Tensor:
+    """RMSNorm(o) * SiLU(gate)."""
+    return rms_norm.plain(o, weight, eps) * F.silu(gate)

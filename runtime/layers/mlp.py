@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
 from hyla.runtime.config import HybridConfig
+from hyla.runtime.layers.fusion import fused
 
 
 class GatedMLP(nn.Module):
@@ -19,6 +21,13 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(h, m, bias=bias)
         self.down_proj = nn.Linear(m, h, bias=bias)
         self.act = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul(gate, up) if self.silu else self.act(gate) * up)
+
+
+@fused
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up

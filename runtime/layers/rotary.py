@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from hyla.runtime.layers.fusion import fused
+
 from hyla.runtime.config import HybridConfig
 
 
@@ -44,6 +46,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+@fused
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[..., T, H, D]` with cos/sin `[..., T, D]`."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
