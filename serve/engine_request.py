@@ -46,7 +46,7 @@ class EngineRequest:
         self._first: RequestOutput | None = None
         self._cut_off = False
 
-    def as_api_error(self, error: Exception) -> APIError | None:
+    def _api_error(self, error: BaseException) -> APIError | None:
         """The client-facing error of an engine exception (logged and counted when the engine failed)."""
         if isinstance(error, DuplicateRequestId):
             return duplicate_request_id(str(error))
@@ -66,15 +66,12 @@ class EngineRequest:
         """Submit; raises `APIError` (400 bad input, 503 queue full, 500 engine failure) with nothing left behind."""
         try:
             self._first = await anext(self._stream)
-        except Exception as error:
+        except BaseException as error:
             await self.aclose()
-            mapped = self.as_api_error(error)
+            mapped = self._api_error(error)
             if mapped is None:
                 raise
             raise mapped from None
-        except BaseException:
-            await self.aclose()
-            raise
         return self._first
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
@@ -85,7 +82,7 @@ class EngineRequest:
             async for output in self._stream:
                 yield self._observed(output)
         except (RequestFailed, EngineDead) as error:
-            raise self.as_api_error(error) from None
+            raise self._api_error(error) from None
         finally:
             await self.aclose()
 
