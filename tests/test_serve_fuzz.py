@@ -168,7 +168,7 @@ def test_fuzz_the_openapi_spec(served):
         if response.status_code == 400:
             error = response.json()["error"]
             assert refusal_is_semantic(error), (path, body, response.text)
-            counts[f"valid 400 {error['code'] or error['param']}"] += 1
+            counts[f"valid 400 by {error['code'] or error['param']}"] += 1
 
     @seed(20240612)
     @settings(max_examples=JSON_CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -182,7 +182,8 @@ def test_fuzz_the_openapi_spec(served):
         valid_requests()
         arbitrary_json()
         elapsed = time.monotonic() - started
-        print(f"fuzzed {sum(counts.values())} requests in {elapsed:.1f} s: {dict(sorted(counts.items()))}")
+        cases = sum(v for k, v in counts.items() if " by " not in k)
+        print(f"fuzzed {cases} requests in {elapsed:.1f} s: {dict(sorted(counts.items()))}")
         assert sum(v for k, v in counts.items() if k[6:].isdigit()) >= VALID_CASES * 0.9
         assert sum(v for k, v in counts.items() if k.startswith("valid 2")) >= VALID_CASES // 3
         wait_idle(server)
