@@ -7,10 +7,13 @@ from collections.abc import Iterable
 
 
 class ApiKeyCheck:
-    """Accepts everything when no key is configured; otherwise exactly `Bearer <key>`."""
+    """Accepts everything when no key is configured (None); otherwise exactly `Bearer <key>`. An empty key is
+    refused rather than taken to mean "no key"."""
 
     def __init__(self, key: str | None) -> None:
-        self.key = key or None
+        if key is not None and not key.strip():
+            raise ValueError("the API key is empty; give a real key or None for no key")
+        self.key = key
 
     @property
     def enabled(self) -> bool:

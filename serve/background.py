@@ -55,6 +55,12 @@ class ServerThread:
             raise RuntimeError("the server failed to start") from self._error
         return self
 
+    def wait_stopped(self, timeout: float = 60) -> None:
+        """Wait for the server to stop by itself (e.g. after its engine died; see `server.failure`)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the server did not stop within {timeout} s")
+
     def stop(self, timeout: float = 60) -> None:
         """Drain and stop; raises if the server thread failed."""
         self.server.request_shutdown()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+from pathlib import Path
 
 import typer
 
@@ -17,6 +19,12 @@ def local_address(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def default_model_name(model: str) -> str:
+    """The name clients send by default: a local folder's own name (never its path), else MODEL as given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
 
 
 def banner(model_name: str, host: str, http_port: int, grpc_port: int | None, with_key: bool) -> str:
@@ -53,7 +61,14 @@ def serve(
     api_key: str | None = typer.Option(
         None, envvar="HYLA_API_KEY", help="Require `Authorization: Bearer KEY` (HTTP header / gRPC metadata)."
     ),
-    served_model_name: str | None = typer.Option(None, help="Model name clients send (default: MODEL as given)."),
+    metrics_auth: bool = typer.Option(False, "--metrics-auth", help="Require the API key on /metrics too (default: open)."),
+    allowed_hosts: list[str] = typer.Option(
+        [], help="Host headers HTTP accepts besides loopback ones and the bound host; '*': any. Repeatable."
+    ),
+    served_model_name: str | None = typer.Option(
+        None, help="Model name the server reports (default: the model folder's name, or MODEL as given); "
+        "requests may also name MODEL as given."
+    ),
     max_model_len: int | None = typer.Option(None, min=2, help="Context length (default: the model's, capped at 8192)."),
     cache_memory: str = typer.Option("2GiB", help="KV + state cache budget: bytes ('2GiB') or a fraction of free memory."),
     max_num_seqs: int = typer.Option(32, min=1, help="Sequences the engine runs at once."),
@@ -63,6 +78,10 @@ def serve(
     dtype: str = typer.Option("auto", help="Weights / KV dtype; auto: bfloat16 on cuda, float32 on cpu."),
     state_dtype: str = typer.Option("float32", help="Linear-attention state dtype."),
     max_body_bytes: int = typer.Option(16 * 2**20, min=1024, help="Largest accepted HTTP request body (413 above)."),
+    max_request_tokens: int = typer.Option(
+        2**19, min=1, help="Most token positions one request may ask for: prompts x n x (logprobs + 1) x "
+        "(max_tokens + echoed prompt tokens) (400 above)."
+    ),
     drain_timeout: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get to finish on shutdown."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-request access log."),
 ) -> None:
@@ -75,6 +94,12 @@ def serve(
     from hyla.runtime.engine_config import EngineConfig
     from hyla.serve.app import HylaServer, ServerSettings
 
+    if api_key is None and os.environ.get("HYLA_API_KEY") is not None:
+        api_key = os.environ["HYLA_API_KEY"]  # set but empty: click reads that as unset
+    if api_key is not None and not api_key.strip():
+        raise typer.BadParameter(
+            "the API key is empty; give a real key or none at all", param_hint="--api-key / HYLA_API_KEY"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
@@ -90,8 +115,9 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key; anyone who can reach it can use it", err=True)
     settings = ServerSettings(
-        model_name=served_model_name or model, host=host, port=port,
-        grpc_port=None if grpc_port < 0 else grpc_port, api_key=api_key, max_body_bytes=max_body_bytes,
+        model_name=served_model_name or default_model_name(model), model_aliases=(model,), host=host, port=port,
+        grpc_port=None if grpc_port < 0 else grpc_port, api_key=api_key, metrics_auth=metrics_auth,
+        allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
         max_waiting=max_waiting, drain_timeout=drain_timeout, log_level="warning" if quiet else "info",
     )
     server = HylaServer(engine, settings)
@@ -103,3 +129,6 @@ def serve(
         await server.wait_closed()
 
     asyncio.run(main())
+    if server.failure is not None:
+        typer.echo(f"error: the engine died: {server.failure!r}", err=True)
+        raise typer.Exit(1)

@@ -67,8 +67,44 @@ def shutting_down() -> APIError:
     return APIError(503, "The server is shutting down", type="server_overloaded", code="shutting_down", retry_after=5)
 
 
+def drained() -> APIError:
+    return APIError(
+        503, "The server shut down before this request finished", type="server_overloaded", code="shutting_down",
+        retry_after=5,
+    )
+
+
+def duplicate_request_id(message: str) -> APIError:
+    return APIError(409, message, param="request_id", code="duplicate_request_id")
+
+
+def too_costly(cost: int, limit: int) -> APIError:
+    return APIError(
+        400,
+        f"This request asks for {cost} token positions (prompts x n x (logprobs + 1) x (max_tokens + echoed "
+        f"prompt tokens)), more than this server's limit of {limit} per request; send fewer prompts or a smaller "
+        "n, logprobs or max_tokens",
+        code="request_too_costly",
+    )
+
+
+def invalid_host(host: str) -> APIError:
+    return APIError(
+        400, f"Host {host!r} is not served here (allowed hosts: see `hyla serve --allowed-hosts`)", code="invalid_host"
+    )
+
+
 def internal_error() -> APIError:
     return APIError(500, "The server failed to process the request; see its log", type="server_error")
+
+
+def engine_dead() -> APIError:
+    return APIError(503, "The engine stopped working; the server is exiting", type="server_error", code="engine_dead")
+
+
+def engine_failed() -> APIError:
+    return APIError(500, "The engine failed while running this request; see the server log", type="server_error",
+                    code="engine_error")
 
 
 def _is_field(part: object) -> bool:

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hyla.runtime.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from hyla.runtime.outputs import RequestOutput, TokenLogprobs
 from hyla.serve.auth import ApiKeyCheck
+from hyla.serve.deltas import DeltaTracker
 from hyla.serve.engine_request import EngineRequest
-from hyla.serve.errors import APIError, unauthorized
+from hyla.serve.errors import APIError, internal_error, unauthorized
 from hyla.serve.proto import hyla_pb2 as pb
 from hyla.serve.proto import hyla_pb2_grpc
 from hyla.serve.served_model import ServedModel, new_id
 
-T = TypeVar("T")
+logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
                   "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -31,6 +33,7 @@ def status_code(error: APIError) -> grpc.StatusCode:
         400: grpc.StatusCode.INVALID_ARGUMENT,
         401: grpc.StatusCode.UNAUTHENTICATED,
         404: grpc.StatusCode.NOT_FOUND,
+        409: grpc.StatusCode.ALREADY_EXISTS,
         413: grpc.StatusCode.RESOURCE_EXHAUSTED,
         503: grpc.StatusCode.RESOURCE_EXHAUSTED,
     }.get(error.status, grpc.StatusCode.INTERNAL)
@@ -44,39 +47,27 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
     # ---- RPCs -----------------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        async def work() -> pb.GenerateResponse:
-            engine_request = self._submit(request)
-            await engine_request.open()
+        async with self._call("Generate", context):
+            engine_request = await self._submit(request)
             final = await engine_request.final()
             return pb.GenerateResponse(
                 request_id=final.request_id,
                 prompt_token_ids=final.prompt_token_ids,
                 prompt_logprobs=self._prompt_logprobs(final),
-                completions=[self._completion(out, out.token_ids, list(out.logprobs or [])) for out in final.outputs],
+                completions=[self._completion(out.index, out.text, out.token_ids, list(out.logprobs or []),
+                                              out.finish_reason) for out in final.outputs],
                 usage=self._usage(final),
             )
-
-        return await self._unary("Generate", context, work)
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        code = grpc.StatusCode.OK
-        try:
-            self._authorize(context)
-            engine_request = self._submit(request)
-            await engine_request.open()
-            first, finished = True, set()
+        async with self._call("GenerateStream", context):
+            engine_request = await self._submit(request)
+            deltas, first = DeltaTracker(), True
             async for output in engine_request:
-                completions = []
-                for out in output.outputs:
-                    if out.index in finished or not (out.token_ids_delta or out.text_delta or out.finished):
-                        continue
-                    start = len(out.token_ids) - len(out.token_ids_delta)
-                    entries = list(out.logprobs or [])[start : len(out.token_ids)]
-                    completions.append(self._completion(out, out.token_ids_delta, entries, delta=True))
-                    if out.finished:
-                        finished.add(out.index)
+                completions = [self._completion(d.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
+                               for d in deltas(output)]
                 yield pb.GenerateStreamResponse(
                     request_id=output.request_id,
                     prompt_token_ids=output.prompt_token_ids if first else [],
@@ -85,62 +76,53 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
                     usage=self._usage(output) if output.finished else None,
                 )
                 first = False
-        except APIError as error:
-            code = status_code(error)
-            await self._abort(context, error)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            self.served.metrics.count("grpc", "GenerateStream", code.name)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        async def work() -> pb.TokenizeResponse:
+        async with self._call("Tokenize", context):
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = self.served.encode(request.text, add_special)
-            return pb.TokenizeResponse(token_ids=ids, tokens=[self.served.token_text(t) for t in ids])
-
-        return await self._unary("Tokenize", context, work)
+            ids = await self.served.encode(request.text, add_special)
+            return pb.TokenizeResponse(token_ids=ids, tokens=await self.served.token_texts(ids))
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
-        async def work() -> pb.ModelInfoResponse:
+        async with self._call("ModelInfo", context):
             served, stats = self.served, self.served.engine.stats()
             return pb.ModelInfoResponse(
                 model=served.name, max_model_len=served.max_model_len, vocab_size=served.vocab_size,
-                layer_types=served.layer_types, max_num_seqs=served.engine.engine.max_num_seqs,
+                layer_types=served.layer_types, eos_token_ids=served.engine.engine.eos_token_ids,
+                max_num_seqs=served.engine.engine.max_num_seqs,
                 kv_blocks_total=stats.kv_blocks_total, kv_blocks_used=stats.kv_blocks_used,
                 state_slots_total=stats.state_slots_total, state_slots_used=stats.state_slots_used,
                 num_running=stats.num_running, num_waiting=stats.num_waiting,
             )
 
-        return await self._unary("ModelInfo", context, work)
-
     # ---- helpers --------------------------------------------------------------------------------
 
-    async def _unary(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Authorize, then map errors to statuses: count every call with its status, log server failures."""
         code = grpc.StatusCode.OK
         try:
-            self._authorize(context)
-            return await work()
+            if not self.check.accepts_metadata(context.invocation_metadata()):
+                raise unauthorized()
+            yield
         except APIError as error:
             code = status_code(error)
-            await self._abort(context, error)
+            log = logger.error if code == grpc.StatusCode.INTERNAL else logger.info
+            log("%s -> %s: %s", method, code.name, error.message)
+            metadata = tuple((k.lower(), v) for k, v in error.headers().items())
+            await context.abort(code, error.message, trailing_metadata=metadata)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("%s failed", method)
+            await context.abort(code, internal_error().message)
         finally:
             self.served.metrics.count("grpc", method, code.name)
 
-    @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, error: APIError) -> None:
-        metadata = tuple((k.lower(), v) for k, v in error.headers().items())
-        await context.abort(status_code(error), error.message, trailing_metadata=metadata)
-
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.check.accepts_metadata(context.invocation_metadata()):
-            raise unauthorized()
-
-    def _submit(self, request: pb.GenerateRequest) -> EngineRequest:
+    async def _submit(self, request: pb.GenerateRequest) -> EngineRequest:
+        """Tokenise, check and open an engine request (its first output is in)."""
         s = request.sampling
 
         def opt(name: str, default: object = None) -> object:
@@ -155,8 +137,11 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
         kind = request.WhichOneof("prompt")
         if kind is None:
             raise APIError(400, "give a prompt: text or token_ids", param="prompt")
-        prompt = request.text if kind == "text" else list(request.token_ids.ids)
-        return self.served.request(prompt, params, request.request_id or new_id("grpc"))
+        ids = await self.served.prompt_ids(request.text if kind == "text" else list(request.token_ids.ids))
+        self.served.check_cost([len(ids)], params, echo=params.prompt_logprobs is not None)
+        engine_request = self.served.request(ids, params, request.request_id or new_id("grpc"))
+        await engine_request.open()
+        return engine_request
 
     def _logprob(self, token_id: int, logprob: float, rank: int) -> pb.TokenLogprob:
         return pb.TokenLogprob(token_id=token_id, token=self.served.token_text(token_id), logprob=logprob, rank=rank)
@@ -173,14 +158,14 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
         return [self._position(t, e) for t, e in zip(output.prompt_token_ids, output.prompt_logprobs, strict=True)]
 
     def _completion(
-        self, out: CompletionOutput, token_ids: list[int], entries: list[TokenLogprobs], delta: bool = False
+        self, index: int, text: str, token_ids: list[int], entries: list[TokenLogprobs], finish_reason: str | None
     ) -> pb.Completion:
         return pb.Completion(
-            index=out.index,
-            text=out.text_delta if delta else out.text,
+            index=index,
+            text=text,
             token_ids=token_ids,
             logprobs=[self._position(t, e) for t, e in zip(token_ids, entries)],
-            finish_reason=FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+            finish_reason=FINISH_REASONS.get(finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         )
 
     @staticmethod
@@ -212,6 +197,10 @@ class GrpcFrontEnd:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return bound
+
+    async def not_serving(self) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new calls, let running ones finish for up to `grace` seconds."""

@@ -31,7 +31,11 @@ def served_model(request: Request) -> ServedModel:
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    served: ServedModel,
+    body: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Engine sampling parameters of a request; unsupported OpenAI knobs with non-default values are errors."""
     if body.frequency_penalty:
@@ -43,7 +47,7 @@ def sampling_params(
     if body.stream_options is not None and not body.stream:
         raise unsupported("stream_options", "stream_options without stream: true")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return ServedModel.sampling_params(
+    return served.sampling_params(
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,

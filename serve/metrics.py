@@ -49,6 +49,10 @@ class ServerMetrics:
             "hyla_requests", "Requests answered, by front end, endpoint and status.",
             ["protocol", "endpoint", "status"], registry=self.registry,
         )
+        self.failed = Counter(
+            "hyla_request_failures", "Requests the engine failed (streams included, whatever status they began with).",
+            ["error"], registry=self.registry,
+        )
         self.finished = Counter(
             "hyla_request_finished", "Finished continuations by finish reason.", ["reason"], registry=self.registry
         )

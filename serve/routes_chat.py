@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import Response
 
-from hyla.runtime.outputs import CompletionOutput
+from hyla.serve.deltas import DeltaTracker
 from hyla.serve.engine_request import EngineRequest
-from hyla.serve.errors import bad_request
+from hyla.serve.errors import bad_request, unsupported
 from hyla.serve.http_common import (
     ERROR_RESPONSES, STREAM_RESPONSE, include_usage, sampling_params, served_model, usage,
 )
@@ -32,6 +32,18 @@ def logprobs_of(served: ServedModel, body: ChatCompletionRequest, ids: list[int]
     return chat_logprobs(ids, entries, served.token_text, body.top_logprobs or 0)
 
 
+def check_supported(body: ChatCompletionRequest) -> None:
+    """Refuse what this server cannot do rather than silently doing something else."""
+    if body.tools:
+        raise unsupported("tools", "tool calling")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise unsupported("tool_choice", "a tool_choice other than none or auto")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise unsupported("response_format", f"response_format {body.response_format.type}")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
@@ -42,16 +54,17 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, served: ServedModel = Depends(served_model)
 ) -> Response | ChatCompletionResponse:
     served.check_model(body.model)
-    if body.top_logprobs is not None and not body.logprobs:
-        raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
-    prompt = served.chat_prompt(body.messages)
+    check_supported(body)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = limit if limit is not None else max(served.max_model_len - len(prompt), 1)
-    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    top = (body.top_logprobs or 0) if body.logprobs else None
     chat_id = new_id("chatcmpl")
-    engine_request = served.request(prompt, params, chat_id, param="messages")
     created = int(time.time())
     try:
+        prompt = await unless_disconnected(request, served.chat_prompt(body.messages))
+        max_tokens = limit if limit is not None else max(served.max_model_len - len(prompt), 1)
+        params = sampling_params(served, body, max_tokens, top)
+        served.check_cost([len(prompt)], params, echo=False)
+        engine_request = served.request(prompt, params, chat_id, param="messages")
         await unless_disconnected(request, engine_request.open())
         if body.stream:
             return EventStreamResponse(with_done(stream_chunks(served, body, engine_request, chat_id, created)))
@@ -76,25 +89,18 @@ async def create_chat_completion(
 async def stream_chunks(
     served: ServedModel, body: ChatCompletionRequest, engine_request: EngineRequest, chat_id: str, created: int
 ) -> AsyncIterator[ChatCompletionChunk]:
-    def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=chat_id, created=created, model=served.name, choices=choices)
+    def chunk(choices: list[ChatChunkChoice], **extra: object) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=chat_id, created=created, model=served.name, choices=choices, **extra)
 
-    def delta(out: CompletionOutput) -> ChatChunkChoice:
-        new_ids = list(out.token_ids_delta)
-        start = len(out.token_ids) - len(new_ids)
-        entries = list(out.logprobs or [])[start : len(out.token_ids)]
-        return ChatChunkChoice(index=out.index, delta=ChatDelta(content=out.text_delta),
-                               logprobs=logprobs_of(served, body, new_ids, entries), finish_reason=out.finish_reason)
-
-    yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)])
-    finished: set[int] = set()
+    deltas = DeltaTracker()
     async for output in engine_request:
-        fresh = [out for out in output.outputs if out.index not in finished]
-        choices = [delta(out) for out in fresh if out.token_ids_delta or out.text_delta or out.finished]
-        finished.update(out.index for out in fresh if out.finished)
+        choices = [
+            ChatChunkChoice(index=d.index, delta=ChatDelta(role="assistant" if d.first else None, content=d.text),
+                            logprobs=logprobs_of(served, body, d.token_ids, d.logprobs), finish_reason=d.finish_reason)
+            for d in deltas(output)
+        ]
         if choices:
             yield chunk(choices)
         if output.finished and include_usage(body):
             completion_tokens = sum(len(out.token_ids) for out in output.outputs)
-            yield ChatCompletionChunk(id=chat_id, created=created, model=served.name, choices=[],
-                                      usage=usage(len(output.prompt_token_ids), completion_tokens))
+            yield chunk([], usage=usage(len(output.prompt_token_ids), completion_tokens))

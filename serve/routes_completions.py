@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from hyla.runtime.outputs import CompletionOutput, RequestOutput
+from hyla.serve.deltas import DeltaTracker
 from hyla.serve.engine_request import EngineRequest, merged, open_all
 from hyla.serve.errors import unsupported
 from hyla.serve.http_common import (
@@ -39,50 +40,45 @@ class ChoiceBuilder:
     served: ServedModel
     body: CompletionRequest
     prompt_index: int
+    prompt_text: str | None  # as sent, echoed as is; None for token ids
+    deltas: DeltaTracker = field(default_factory=DeltaTracker)
     offsets: dict[int, int] = field(default_factory=dict)  # streamed: characters sent per choice
-    finished: set[int] = field(default_factory=set)
 
-    def index(self, out: CompletionOutput) -> int:
-        return self.prompt_index * self.body.n + out.index
+    def index(self, choice: int) -> int:
+        return self.prompt_index * self.body.n + choice
 
     def prompt_part(self, output: RequestOutput) -> tuple[str, list[int], list]:
         """Echoed prompt text, ids and logprob entries (empty without echo)."""
         if not self.body.echo:
             return "", [], []
         ids = output.prompt_token_ids
-        text = output.prompt if output.prompt is not None else self.served.tokenizer.decode(ids)
+        text = self.prompt_text if self.prompt_text is not None else self.served.tokenizer.decode(ids)
         entries = output.prompt_logprobs or [None] * len(ids)
         return text, list(ids), list(entries)
 
+    def choice(self, index: int, text: str, ids: list[int], entries: list, finish_reason: str | None,
+               offset: int = 0) -> CompletionChoice:
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = completion_logprobs(ids, entries, self.served.token_text, offset=offset)
+        return CompletionChoice(index=self.index(index), text=text, logprobs=logprobs, finish_reason=finish_reason)
+
     def whole(self, output: RequestOutput, out: CompletionOutput) -> CompletionChoice:
         text, ids, entries = self.prompt_part(output)
-        logprobs = None
-        if self.body.logprobs is not None:
-            logprobs = completion_logprobs(ids + out.token_ids, entries + list(out.logprobs or []), self.served.token_text)
-        return CompletionChoice(index=self.index(out), text=text + out.text, logprobs=logprobs,
-                                finish_reason=out.finish_reason)
+        return self.choice(out.index, text + out.text, ids + out.token_ids, entries + list(out.logprobs or []),
+                           out.finish_reason)
 
-    def delta(self, output: RequestOutput, out: CompletionOutput) -> CompletionChoice | None:
-        """What this step added to one choice; None when nothing new (or it already finished)."""
-        index = self.index(out)
-        if index in self.finished:
-            return None
-        first = index not in self.offsets
-        text, ids, entries = self.prompt_part(output) if first else ("", [], [])
-        new_ids = list(out.token_ids_delta)
-        if not (first or new_ids or out.text_delta or out.finished):
-            return None
-        logprobs = None
-        if self.body.logprobs is not None:
-            start = len(out.token_ids) - len(new_ids)
-            new_entries = list(out.logprobs or [])[start : len(out.token_ids)]
-            logprobs = completion_logprobs(ids + new_ids, entries + new_entries, self.served.token_text,
-                                           offset=self.offsets.get(index, 0))
-        text += out.text_delta
-        self.offsets[index] = self.offsets.get(index, 0) + len(text)
-        if out.finished:
-            self.finished.add(index)
-        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason)
+    def streamed(self, output: RequestOutput) -> list[CompletionChoice]:
+        """What this step added to each choice (the echoed prompt leads a choice's first delta)."""
+        choices = []
+        for delta in self.deltas(output):
+            text, ids, entries = self.prompt_part(output) if delta.first else ("", [], [])
+            offset = self.offsets.get(delta.index, 0)
+            text += delta.text
+            self.offsets[delta.index] = offset + len(text)
+            choices.append(self.choice(delta.index, text, ids + delta.token_ids, entries + delta.logprobs,
+                                       delta.finish_reason, offset))
+        return choices
 
 
 @router.post(
@@ -100,16 +96,15 @@ async def create_completion(
     if body.best_of is not None and body.best_of != body.n:
         raise unsupported("best_of", "best_of other than n")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    params = sampling_params(body, body.max_tokens, body.logprobs, prompt_logprobs)
-    completion_id = new_id("cmpl")
+    params = sampling_params(served, body, body.max_tokens, body.logprobs, prompt_logprobs)
     prompts = prompts_of(body)
-    for prompt in prompts:
-        if isinstance(prompt, list):
-            served.check_token_ids(prompt, "prompt")
-    requests = [served.request(p, params, f"{completion_id}-{i}") for i, p in enumerate(prompts)]
-    builders = [ChoiceBuilder(served, body, i) for i in range(len(prompts))]
+    completion_id = new_id("cmpl")
     created = int(time.time())
     try:
+        ids = await unless_disconnected(request, asyncio.gather(*(served.prompt_ids(p) for p in prompts)))
+        served.check_cost([len(i) for i in ids], params, body.echo)
+        requests = [served.request(p, params, f"{completion_id}-{i}") for i, p in enumerate(ids)]
+        builders = [ChoiceBuilder(served, body, i, p if isinstance(p, str) else None) for i, p in enumerate(prompts)]
         await unless_disconnected(request, open_all(requests))
         if body.stream:
             chunks = stream_chunks(served, body, requests, builders, completion_id, created)
@@ -135,7 +130,7 @@ async def stream_chunks(
 ) -> AsyncIterator[CompletionResponse]:
     prompt_tokens = completion_tokens = 0
     async for i, output in merged(requests):
-        choices = [c for c in (builders[i].delta(output, out) for out in output.outputs) if c is not None]
+        choices = builders[i].streamed(output)
         if choices:
             yield CompletionResponse(id=completion_id, created=created, model=served.name, choices=choices)
         if output.finished:

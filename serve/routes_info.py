@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from starlette.responses import JSONResponse, Response
 
-from hyla.serve.errors import bad_request, shutting_down
+from hyla.serve.errors import bad_request, engine_dead, shutting_down
 from hyla.serve.http_common import ERROR_RESPONSES, served_model
 from hyla.serve.protocol import (
     DetokenizeRequest, DetokenizeResponse, ErrorResponse, HealthResponse, ModelCard, ModelList,
@@ -15,7 +15,8 @@ from hyla.serve.served_model import ServedModel
 
 models_router = APIRouter()  # behind the API key, when there is one
 tokenizer_router = APIRouter()  # likewise
-open_router = APIRouter()  # health and metrics: always open, for probes and scrapers
+metrics_router = APIRouter()  # open for scrapers unless the server protects it too
+open_router = APIRouter()  # health: always open, for probes
 
 
 def card(served: ServedModel) -> ModelCard:
@@ -28,10 +29,11 @@ async def list_models(served: ServedModel = Depends(served_model)) -> ModelList:
 
 
 @models_router.get(
-    "/v1/models/{model}", response_model=ModelCard,
+    "/v1/models/{model:path}", response_model=ModelCard,
     responses={401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404]}, summary="Retrieve a model",
 )
 async def retrieve_model(model: str, served: ServedModel = Depends(served_model)) -> ModelCard:
+    """`model` may hold slashes (hub ids such as `org/name`)."""
     served.check_model(model)
     return card(served)
 
@@ -43,11 +45,11 @@ async def tokenize(body: TokenizeRequest, served: ServedModel = Depends(served_m
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        ids = served.chat_prompt(body.messages, body.add_generation_prompt)
+        ids = await served.chat_prompt(body.messages, body.add_generation_prompt, within_context=False)
     else:
-        ids = served.encode(body.prompt, body.add_special_tokens)
+        ids = await served.encode(body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=served.max_model_len, tokens=ids,
-                            token_strs=[served.token_text(t) for t in ids])
+                            token_strs=await served.token_texts(ids))
 
 
 @tokenizer_router.post(
@@ -55,21 +57,21 @@ async def tokenize(body: TokenizeRequest, served: ServedModel = Depends(served_m
 )
 async def detokenize(body: DetokenizeRequest, served: ServedModel = Depends(served_model)) -> DetokenizeResponse:
     served.check_model(body.model)
-    return DetokenizeResponse(prompt=served.decode(body.tokens))
+    return DetokenizeResponse(prompt=await served.decode(body.tokens))
 
 
 @open_router.get(
     "/health", response_model=HealthResponse,
-    responses={503: {"model": ErrorResponse, "description": "Shutting down"}}, summary="Liveness",
+    responses={503: {"model": ErrorResponse, "description": "Shutting down, or the engine died"}}, summary="Liveness",
 )
 async def health(served: ServedModel = Depends(served_model)) -> HealthResponse | JSONResponse:
-    if not served.accepting:
-        error = shutting_down()
+    error = engine_dead() if not served.alive else None if served.accepting else shutting_down()
+    if error is not None:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
     return HealthResponse()
 
 
-@open_router.get(
+@metrics_router.get(
     "/metrics",
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},

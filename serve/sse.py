@@ -70,7 +70,10 @@ class ClientGone(Exception):
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (which aborts its engine requests) if the client disconnects first."""
+    """Await `work`, cancelling it (which aborts its engine requests) if the client disconnects first.
+
+    Decided by which finished first, not by how `work` ended: a cancelled `asyncio.gather` ends with a
+    `CancelledError` exception rather than in the cancelled state."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -81,10 +84,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        finished = task.done()
         watcher.cancel()
-        if not task.done():
-            task.cancel()
+        task.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
+    if not finished:
         raise ClientGone()
     return task.result()
