@@ -77,6 +77,9 @@ def serve(
     device: str = typer.Option("auto", help="cpu, cuda[:N], or auto (cuda when available)."),
     dtype: str = typer.Option("auto", help="Weights / KV dtype; auto: bfloat16 on cuda, float32 on cpu."),
     state_dtype: str = typer.Option("float32", help="Linear-attention state dtype."),
+    enforce_eager: bool = typer.Option(
+        False, "--enforce-eager", help="No CUDA graphs for decode steps (they are captured at start-up on CUDA)."
+    ),
     max_body_bytes: int = typer.Option(16 * 2**20, min=1024, help="Largest accepted HTTP request body (413 above)."),
     max_request_tokens: int = typer.Option(
         2**19, min=1, help="Most token positions one request may ask for: prompts x n x (logprobs + 1) x "
@@ -108,6 +111,7 @@ def serve(
         config = EngineConfig(
             model=model, device=device, dtype=dtype, state_dtype=state_dtype, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
+            enforce_eager=enforce_eager,
         )
         engine = LLMEngine.from_config(config)
     except (ValueError, FileNotFoundError, OSError) as error:
