@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 import time
 
+import torch
 import typer
 
 from hyla.runtime.info import describe
-from hyla.runtime.loading import load_config, load_model, load_tokenizer, parse_dtype
+from hyla.runtime.load_errors import ModelLoadError
+from hyla.runtime.loading import check_model, load_model, load_tokenizer, parse_dtype
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return parse_dtype(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dtype") from None
 
 
 def info(
@@ -17,7 +26,12 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Architecture, per-layer types, parameter count and cache bytes per token / per sequence."""
-    facts = describe(load_config(model), parse_dtype(dtype))
+    cache_dtype = _dtype(dtype)
+    config = check_model(model)
+    try:
+        facts = describe(config, cache_dtype)
+    except ValueError as exc:
+        raise ModelLoadError(f"{model}: {exc}") from exc
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -40,10 +54,9 @@ def generate(
     dtype: str = typer.Option("float32", help="Weights dtype."),
 ) -> None:
     """Greedy generation with HF `generate` (reference path, no serving engine)."""
-    import torch
-
+    weights_dtype = _dtype(dtype)
+    lm = load_model(model, weights_dtype, device)
     tok = load_tokenizer(model)
-    lm = load_model(model, parse_dtype(dtype), device)
     if chat and tok.chat_template:
         ids = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
