@@ -186,7 +186,8 @@ class Pipeline:
         """Loop settings of a training step, checkpointing to `DIR/<step>/checkpoint.pt`."""
         b = self.budget
         return LoopSettings(
-            steps, self.dist, b.warmup_steps, self.out / step / "checkpoint.pt", b.checkpoint_every, self.opt.quiet
+            steps, self.dist, b.warmup_steps, self.out / step / "checkpoint.pt", b.checkpoint_interval(steps),
+            self.opt.quiet,
         )
 
     def _stage1(self, train: torch.Tensor) -> Path:
