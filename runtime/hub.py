@@ -16,10 +16,10 @@ REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 CONNECT_TIMEOUT_S = 3.0
 
 
-def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the hub endpoint (or the HTTPS proxy) opens within `timeout` s,
-    name lookup included."""
-    target = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or constants.ENDPOINT)
+def hub_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to `endpoint` (or the HTTPS proxy) opens within `timeout` s, name
+    lookup included."""
+    target = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or endpoint)
     address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
     opened: list[bool] = []
 
@@ -36,13 +36,15 @@ def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
     return opened == [True]
 
 
-def check_hub_id(name: str) -> None:
-    """`ModelNotFound` unless `name` is a hub id that is cached or can be fetched now."""
+def check_hub_id(name: str, endpoint: str | None = None) -> None:
+    """`ModelNotFound` unless `name` is a hub id that is cached or can be fetched now from `endpoint`
+    (default: the configured hub, `HF_ENDPOINT`)."""
+    endpoint = endpoint or constants.ENDPOINT
     if not REPO_ID.fullmatch(name) or name.startswith("."):
         raise ModelNotFound(f"{name}: no such file or directory")
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return
     if constants.HF_HUB_OFFLINE:
         raise ModelNotFound(f"{name}: no such local path, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
-    if not hub_reachable():
-        raise ModelNotFound(f"{name}: no such local path, and the Hugging Face hub ({constants.ENDPOINT}) is unreachable")
+    if not hub_reachable(endpoint):
+        raise ModelNotFound(f"{name}: no such local path, and the Hugging Face hub ({endpoint}) is unreachable")
