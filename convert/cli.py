@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from hyla.convert.budgets import BUDGETS
+from hyla.runtime.load_errors import ModelLoadError
 
 
 def _overrides(items: list[str]) -> dict[str, str]:
@@ -65,7 +66,7 @@ def convert(
         report = run(options)
     except (ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
     if os.environ.get("RANK", "0") == "0":
         typer.echo(str(report))
 

@@ -152,4 +152,4 @@ def test_cli_on_unknown_hub_id_fails_in_one_line(runs) -> None:
 
 
 def test_convert_without_tokenizer_files_says_so(runs, tmp: Path) -> None:
-    assert_one_line_error(runs["convert-no-tokenizer"][0], 2, f"{tmp / 'teacher'} has no tokenizer files")
+    assert_one_line_error(runs["convert-no-tokenizer"][0], 1, f"{tmp / 'teacher'} has no tokenizer files")
