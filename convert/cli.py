@@ -11,6 +11,7 @@ import typer
 
 from hyla.convert.budgets import BUDGETS
 from hyla.runtime.load_errors import ModelLoadError
+from hyla.runtime.locate import resolve
 
 
 def _overrides(items: list[str]) -> dict[str, str]:
@@ -55,9 +56,10 @@ def convert(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hyla.convert", *args]
         raise typer.Exit(subprocess.call(cmd))
-    from hyla.convert.pipeline import ConvertOptions, convert as run
-
     try:
+        resolve(teacher)  # a teacher that names nothing fails before torch is imported
+        from hyla.convert.pipeline import ConvertOptions, convert as run
+
         options = ConvertOptions(
             teacher=teacher, out=out, linear=linear, softmax_layers=softmax_layers, softmax_ratio=softmax_ratio,
             selection=selection, data=data, budget=budget, overrides=_overrides(set_), seed=seed, device=device,

@@ -1,19 +1,14 @@
-"""Finding and loading models: HF dirs, hub ids, GGUF files, converted hybrids and bundled aliases.
+"""Loading models (HF dirs, hub ids, GGUF files, converted hybrids, aliases: see `hyla.runtime.locate`).
 
 What cannot be loaded raises `ModelLoadError` (see `hyla.runtime.load_errors`) with a one-line message.
-
-A GGUF teacher is dequantised once and cached as an ordinary HF safetensors dir under
-`$HYLA_CACHE` (default `~/.cache/hyla`), so later loads take seconds.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -21,17 +16,15 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from hyla.assets import SMOLLM2, Asset, cache_root
-from hyla.runtime.hub import check_hub_id
 from hyla.runtime.load_errors import ModelLoadError, ModelNotFound
+from hyla.runtime.locate import resolve
 from hyla.runtime.weights import check_weights
 
-ALIASES: dict[str, tuple[Asset, str]] = {"smollm2-135m": (SMOLLM2, "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-def _export_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise a GGUF file into an fp32 HF dir at `out` (written atomically)."""
+def export_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file into an fp32 HF dir at `out` (written atomically), so later loads take seconds."""
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # GGUF metadata can name other special tokens than the model config; the config wins.
@@ -52,43 +45,6 @@ def _export_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "config.json").is_file():
             raise
-
-
-def _exported(key: str, gguf: Callable[[], Path]) -> str:
-    """The HF dir a GGUF file dequantises into (cached under `key`; the GGUF is read only once)."""
-    out = cache_root() / "models" / key
-    if not (out / "config.json").is_file():
-        _export_gguf(gguf(), out)
-    return str(out)
-
-
-def _gguf_file(name: str) -> Path:
-    path = Path(name).expanduser().resolve()
-    if not path.is_file():
-        raise ModelNotFound(f"no such GGUF file: {name}")
-    return path
-
-
-def resolve(name: str | os.PathLike[str]) -> str:
-    """Turn an alias, a `.gguf` file, a local dir or a hub id into something `from_pretrained` reads.
-
-    Raises `ModelNotFound` for a path that does not exist or a hub id that is neither cached nor
-    reachable (checked in seconds), `ModelLoadError` for a dir without config.json.
-    """
-    name = str(name)
-    if name.lower() in ALIASES:
-        asset, filename = ALIASES[name.lower()]
-        return _exported(name.lower(), lambda: asset.path(filename))
-    if name.endswith(".gguf"):
-        gguf = _gguf_file(name)
-        return _exported(f"{gguf.stem}-{hashlib.sha1(str(gguf).encode()).hexdigest()[:10]}", lambda: gguf)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{name} exists but holds no config.json: not a model dir")
-        return str(path)
-    check_hub_id(name)
-    return name
 
 
 def _reason(exc: BaseException) -> str:

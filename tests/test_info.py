@@ -50,7 +50,7 @@ def test_describe_tiny_hybrid() -> None:
 
 def test_dir_without_config_is_rejected(tmp_path) -> None:
     from hyla.runtime.load_errors import ModelLoadError
-    from hyla.runtime.loading import resolve
+    from hyla.runtime.locate import resolve
 
     with pytest.raises(ModelLoadError, match="no config.json"):
         resolve(tmp_path)
