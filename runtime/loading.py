@@ -69,16 +69,13 @@ def load_config(name: str | os.PathLike[str]) -> PretrainedConfig:
     return _config(resolve(name))
 
 
-def _checked_config(path: str) -> PretrainedConfig:
+def check_model(name: str | os.PathLike[str]) -> PretrainedConfig:
+    """The config, once a local model's weights are found readable and shaped to fit it (headers only)."""
+    path = resolve(name)
     config = _config(path)
     if Path(path).is_dir():
         check_weights(Path(path), config)
     return config
-
-
-def check_model(name: str | os.PathLike[str]) -> PretrainedConfig:
-    """The config, once a local model's weights are found readable and shaped to fit it (headers only)."""
-    return _checked_config(resolve(name))
 
 
 def load_tokenizer(name: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
@@ -99,7 +96,7 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a teacher or a converted hybrid in eval mode; `ModelLoadError` (one line) if it cannot be."""
     path = resolve(name)
-    _checked_config(path)
+    check_model(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:

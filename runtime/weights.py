@@ -64,13 +64,16 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]] | None:
 
 def check_weights(model_dir: Path, config: PretrainedConfig) -> None:
     """`ModelLoadError` unless the dir's weights are readable and every tensor the model shares with
-    them has the shape `config` gives it."""
+    them (by name, with or without the base model's prefix) has the shape `config` gives it."""
     shapes = checkpoint_shapes(model_dir)
     if shapes is None:
         return
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    prefix = f"{model.base_model_prefix}."
+    expected: dict[str, list[int]] = {}
+    for name, tensor in model.state_dict().items():  # a checkpoint of the base model lacks the prefix
+        expected[name] = expected[name.removeprefix(prefix)] = list(tensor.shape)
     if not expected.keys() & shapes.keys():
         raise ModelLoadError(f"{model_dir}: no tensor in the weights belongs to a {type(model).__name__}")
     for name, shape in expected.items():

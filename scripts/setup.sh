@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip, without its warnings about configured package locations that do not exist on this machine
+pip() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if ! "$PY" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         spec=${HYLA_TORCH_SPEC:-torch}
@@ -13,8 +15,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         spec=${HYLA_TORCH_SPEC:-torch==2.13.0}
     fi
     echo "[setup] installing $spec"
-    "$PY" -m pip install -q "$spec"
+    pip install -q "$spec"
 fi
-"$PY" -m pip install -q -e ".[dev]"
+pip install -q -e ".[dev]"
 "$PY" -m hyla fetch-assets
 echo "[setup] done: $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"
