@@ -37,7 +37,9 @@ class Budget:
     kl_chunk_tokens: int = 512
     """Tokens per chunk of the full-vocabulary KL: at most this many rows of logits exist at a time."""
     checkpoint_every: int = 50
-    """Optimizer steps between resumable stage checkpoints."""
+    """Most optimizer steps between resumable stage checkpoints."""
+    min_checkpoints: int = 4
+    """Checkpoints every training stage writes at least (shorter stages checkpoint more often)."""
 
     def steps(self, tokens: int, seq_len: int | None = None) -> int:
         """Optimizer steps that spend `tokens` with this batch size (at least one when tokens > 0)."""
@@ -45,6 +47,11 @@ class Budget:
             return 0
         per_step = self.batch_size * (seq_len or self.seq_len)
         return max(1, round(tokens / per_step))
+
+    def checkpoint_interval(self, steps: int) -> int:
+        """Steps between checkpoints of a stage of `steps` steps: `checkpoint_every`, or less so that
+        the stage writes `min_checkpoints` (and a kill loses at most about 1/`min_checkpoints` of it)."""
+        return max(1, min(self.checkpoint_every or steps, steps // max(1, self.min_checkpoints)))
 
     def with_overrides(self, overrides: dict[str, str]) -> "Budget":
         """A copy with fields replaced from strings (`'2e6'`, `'256'`), each checked and converted."""

@@ -10,6 +10,8 @@ from pathlib import Path
 import typer
 
 from hyla.convert.budgets import BUDGETS
+from hyla.runtime.load_errors import ModelLoadError
+from hyla.runtime.locate import resolve
 
 
 def _overrides(items: list[str]) -> dict[str, str]:
@@ -54,9 +56,10 @@ def convert(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hyla.convert", *args]
         raise typer.Exit(subprocess.call(cmd))
-    from hyla.convert.pipeline import ConvertOptions, convert as run
-
     try:
+        resolve(teacher)  # a teacher that names nothing fails before torch is imported
+        from hyla.convert.pipeline import ConvertOptions, convert as run
+
         options = ConvertOptions(
             teacher=teacher, out=out, linear=linear, softmax_layers=softmax_layers, softmax_ratio=softmax_ratio,
             selection=selection, data=data, budget=budget, overrides=_overrides(set_), seed=seed, device=device,
@@ -65,7 +68,7 @@ def convert(
         report = run(options)
     except (ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
     if os.environ.get("RANK", "0") == "0":
         typer.echo(str(report))
 

@@ -19,7 +19,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from hyla.convert.corpus import builtin_documents
-from hyla.runtime.loading import cache_root
+from hyla.assets import cache_root
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 CHARS_PER_TOKEN = 4  # rough, used only to decide how much of a streamed dataset to read

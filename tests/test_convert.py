@@ -145,3 +145,28 @@ def test_killed_mid_selection_resumes_without_redoing_probes(workdir: Path) -> N
         assert (probes / name).stat().st_mtime_ns == mtime and (probes / name).read_text() == text
     assert len(list(probes.glob("layer_*.json"))) == 4
     assert (out / "conversion_report.json").is_file()
+
+
+def test_killed_in_a_quick_sized_stage1_resumes_from_its_checkpoint(workdir: Path) -> None:
+    """Stage 1 of 16 steps (as in `quick`) with the default `checkpoint_every` still checkpoints."""
+    out = workdir / "killed-stage1"
+    budget = TINY_BUDGET[: TINY_BUDGET.index("checkpoint_every=4") - 1]
+    args = [
+        "--teacher", str(workdir / "teacher"), "--out", str(out), "--data", str(workdir / "corpus.txt"),
+        "--softmax-layers", "1", "--selection", "uniform", "--quiet", *budget, "--set", "stage1_tokens=4096",
+    ]
+    proc = subprocess.Popen([sys.executable, "-m", "hyla.convert", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=single_thread_env())
+    checkpoint = out / "stage1" / "checkpoint.pt"
+    deadline = time.time() + 180
+    while time.time() < deadline and not checkpoint.is_file() and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(checkpoint, weights_only=False)["step"]
+    assert 1 <= saved < 16, "the kill should land mid-stage-1"
+    result = run_convert(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"[stage 1] step {saved + 1}/16 " in result.stderr
+    assert not any(f"[stage 1] step {n}/16 " in result.stderr for n in range(1, saved + 1))
+    assert (out / "conversion_report.json").is_file()

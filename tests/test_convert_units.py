@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from hyla.convert.budgets import get_budget
+from hyla.convert.budgets import BUDGETS, get_budget
 from hyla.convert.corpus import SOURCES
 from hyla.convert.data import BatchStream, prepare_blocks
 from hyla.convert.distributed import Dist
@@ -133,3 +133,15 @@ def test_budget_overrides_and_selection_specs() -> None:
     with pytest.raises(ValueError):
         parse_selection("random", 4)
     assert uniform_layers(4, 1) == [2] and uniform_layers(30, 8) == [1, 5, 9, 13, 16, 20, 24, 28]
+
+
+def test_every_stage_of_every_budget_checkpoints_a_few_times() -> None:
+    for name, b in BUDGETS.items():
+        stage3 = b.steps(b.stage3_tokens, b.stage3_seq_len or b.seq_len)
+        for tokens_steps in (b.steps(b.stage1_tokens), b.steps(b.probe_tokens), b.steps(b.stage2_tokens), stage3):
+            if tokens_steps:
+                interval = b.checkpoint_interval(tokens_steps)
+                written = -(-tokens_steps // interval)  # every `interval` steps, and after the last
+                assert written >= min(tokens_steps, b.min_checkpoints), (name, tokens_steps)
+                assert interval <= b.checkpoint_every, name
+    assert BUDGETS["quick"].checkpoint_interval(16) == 4

@@ -18,7 +18,7 @@ PUBLISHED = {
 def prepared(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYLA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield prepare_data(install=False, quiet=True)
+        yield prepare_data(fetch=False, quiet=True)
 
 
 def test_every_benchmark_has_its_published_size(prepared: dict[str, int]) -> None:
@@ -44,10 +44,10 @@ def test_documents_are_normalised(prepared: dict[str, int]) -> None:
 def test_existing_files_are_kept_and_bad_names_rejected(prepared: dict[str, int]) -> None:
     path = data_file("sciq")
     stamp = path.stat().st_mtime_ns
-    assert prepare_data(["sciq"], install=False, quiet=True) == {"sciq": 1000}
+    assert prepare_data(["sciq"], fetch=False, quiet=True) == {"sciq": 1000}
     assert path.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="unknown benchmark"):
-        prepare_data(["nope"], install=False)
+        prepare_data(["nope"], fetch=False)
 
 
 def test_task_yamls_build_standard_prompts(prepared: dict[str, int]) -> None:

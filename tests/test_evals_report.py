@@ -32,7 +32,7 @@ def test_report_writes_table_and_plots(models: tuple[Path, Path], tmp_path: Path
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYLA_CACHE", str(tmp_path / "cache"))
-        prepare_data(["arc_easy", "lambada_openai"], install=False, quiet=True)
+        prepare_data(["arc_easy", "lambada_openai"], fetch=False, quiet=True)
         result = CliRunner().invoke(app, [
             "eval", "report", str(models[0]), str(models[1]), "--tasks", "arc_easy,lambada_openai",
             "--limit", "3", "--contexts", "32,64", "--batches", "1,2", "--new-tokens", "3",

@@ -52,7 +52,7 @@ def local_data(tmp_path_factory: pytest.TempPathFactory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYLA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        prepare_data(["arc_easy", "lambada_openai", "winogrande"], install=False, quiet=True)
+        prepare_data(["arc_easy", "lambada_openai", "winogrande"], fetch=False, quiet=True)
         yield
 
 

