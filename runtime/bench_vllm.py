@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from hyla.assets import cache_root
 from hyla.runtime.bench_timing import BatchTiming
-from hyla.runtime.loading import cache_root, load_model, load_tokenizer
+from hyla.runtime.loading import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_SCRIPT = REPO / "benchmarks" / "vllm_cpu_peer.py"
