@@ -153,3 +153,15 @@ def test_cli_on_unknown_hub_id_fails_in_one_line(runs) -> None:
 
 def test_convert_without_tokenizer_files_says_so(runs, tmp: Path) -> None:
     assert_one_line_error(runs["convert-no-tokenizer"][0], 1, f"{tmp / 'teacher'} has no tokenizer files")
+
+
+@pytest.mark.parametrize(("kind", "code"), [("missing_path", 2), ("no_weights", 1), ("truncated", 1)])
+def test_cli_fails_before_importing_torch(good: Path, tmp_path: Path, kind: str, code: int) -> None:
+    target = tmp_path / "nowhere" if kind == "missing_path" else broken(good, tmp_path, kind)
+    script = (
+        f"import sys\nfrom hyla.cli import main\nsys.argv = ['hyla', 'info', {str(target)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout == f"{code} False\n", done.stderr[-2000:]
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
