@@ -35,7 +35,8 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
         except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise ModelLoadError(f"{path}: garbled safetensors header") from None
     if 8 + length + end > size:
-        raise ModelLoadError(f"{path}: truncated safetensors file ({size:,} bytes, its header needs {8 + length + end:,})")
+        needed = 8 + length + end
+        raise ModelLoadError(f"{path}: truncated safetensors file ({size:,} bytes, its header needs {needed:,})")
     return shapes
 
 
@@ -52,7 +53,9 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]] | None:
             raise ModelLoadError(f"{index}: garbled index") from None
         missing = [name for name in files if not (model_dir / name).is_file()]
         if missing:
-            raise ModelLoadError(f"{model_dir}: weight file(s) {', '.join(missing)} named by {SAFETENSORS_INDEX} are missing")
+            raise ModelLoadError(
+                f"{model_dir}: weight file(s) {', '.join(missing)} named by {SAFETENSORS_INDEX} are missing"
+            )
         return {k: v for name in files for k, v in safetensors_shapes(model_dir / name).items()}
     if (model_dir / "model.safetensors").is_file():
         return safetensors_shapes(model_dir / "model.safetensors")

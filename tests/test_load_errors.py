@@ -25,7 +25,8 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny hybrid with its tokenizer."""
     path = tmp_path_factory.mktemp("models") / "good"
     tok = tiny_tokenizer()
-    hybrid_from_teacher(tiny_teacher("qwen2", vocab_size=len(tok)), ["gdn", "attention", "gla", "gdn"]).save_pretrained(path)
+    hybrid = hybrid_from_teacher(tiny_teacher("qwen2", vocab_size=len(tok)), ["gdn", "attention", "gla", "gdn"])
+    hybrid.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -102,7 +103,9 @@ def runs(good: Path, tmp: Path) -> dict[str, tuple[subprocess.CompletedProcess, 
         "info-truncated": (["info", str(broken(good, tmp, "truncated"))], {}),
         "generate-layer-types": (["generate", str(broken(good, tmp, "layer_types")), "--max-new-tokens", "2"], {}),
         "missing-path": (["info", str(tmp / "nowhere")], {}),
-        "hub-unreachable": (["info", "no-such-org/no-such-model"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}),
+        "hub-unreachable": (
+            ["info", "no-such-org/no-such-model"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+        ),
         "convert-no-tokenizer": (["convert", "--teacher", str(teacher), "--out", str(tmp / "out"), "--quiet"], {}),
     }
 
