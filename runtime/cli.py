@@ -1,22 +1,32 @@
 """`hyla info` and `hyla generate`: inspect and try any loadable model.
 
-The model name is resolved before torch and transformers are imported, so a name that names
-nothing fails at once.
+The model name is resolved, and a local model's weight files read back, before torch and
+transformers are imported, so a name that names nothing or unreadable weights fail at once.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from hyla.runtime.load_errors import ModelLoadError
 from hyla.runtime.locate import resolve
+from hyla.runtime.weights import checkpoint_shapes
 
 if TYPE_CHECKING:
     import torch
+
+
+def _resolve_readable(model: str) -> str:
+    """`resolve(model)`, once a local model's weight files are found readable."""
+    path = resolve(model)
+    if Path(path).is_dir():
+        checkpoint_shapes(Path(path))
+    return path
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -34,7 +44,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Architecture, per-layer types, parameter count and cache bytes per token / per sequence."""
-    path = resolve(model)
+    path = _resolve_readable(model)
     from hyla.runtime.info import describe
     from hyla.runtime.loading import check_model
 
@@ -66,7 +76,7 @@ def generate(
     dtype: str = typer.Option("float32", help="Weights dtype."),
 ) -> None:
     """Greedy generation with HF `generate` (reference path, no serving engine)."""
-    path = resolve(model)
+    path = _resolve_readable(model)
     import torch
 
     from hyla.runtime.loading import load_model, load_tokenizer

@@ -1,7 +1,7 @@
 """Fast checks of a model dir's weight files: present, readable, shaped as the config needs.
 
 Only safetensors headers are read (a few KB), so a truncated, garbled or mismatched checkpoint
-is reported in milliseconds, before any loading starts.
+is reported in milliseconds, before any loading starts. Only `check_weights` imports torch.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from hyla.runtime.load_errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -34,7 +35,8 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]]:
         except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise ModelLoadError(f"{path}: garbled safetensors header") from None
     if 8 + length + end > size:
-        raise ModelLoadError(f"{path}: truncated safetensors file ({size:,} bytes, its header needs {8 + length + end:,})")
+        needed = 8 + length + end
+        raise ModelLoadError(f"{path}: truncated safetensors file ({size:,} bytes, its header needs {needed:,})")
     return shapes
 
 
@@ -51,7 +53,9 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]] | None:
             raise ModelLoadError(f"{index}: garbled index") from None
         missing = [name for name in files if not (model_dir / name).is_file()]
         if missing:
-            raise ModelLoadError(f"{model_dir}: weight file(s) {', '.join(missing)} named by {SAFETENSORS_INDEX} are missing")
+            raise ModelLoadError(
+                f"{model_dir}: weight file(s) {', '.join(missing)} named by {SAFETENSORS_INDEX} are missing"
+            )
         return {k: v for name in files for k, v in safetensors_shapes(model_dir / name).items()}
     if (model_dir / "model.safetensors").is_file():
         return safetensors_shapes(model_dir / "model.safetensors")
@@ -65,6 +69,9 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, list[int]] | None:
 def check_weights(model_dir: Path, config: PretrainedConfig) -> None:
     """`ModelLoadError` unless the dir's weights are readable and every tensor the model shares with
     them (by name, with or without the base model's prefix) has the shape `config` gives it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     shapes = checkpoint_shapes(model_dir)
     if shapes is None:
         return

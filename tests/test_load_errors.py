@@ -25,7 +25,8 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny hybrid with its tokenizer."""
     path = tmp_path_factory.mktemp("models") / "good"
     tok = tiny_tokenizer()
-    hybrid_from_teacher(tiny_teacher("qwen2", vocab_size=len(tok)), ["gdn", "attention", "gla", "gdn"]).save_pretrained(path)
+    hybrid = hybrid_from_teacher(tiny_teacher("qwen2", vocab_size=len(tok)), ["gdn", "attention", "gla", "gdn"])
+    hybrid.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -102,7 +103,9 @@ def runs(good: Path, tmp: Path) -> dict[str, tuple[subprocess.CompletedProcess, 
         "info-truncated": (["info", str(broken(good, tmp, "truncated"))], {}),
         "generate-layer-types": (["generate", str(broken(good, tmp, "layer_types")), "--max-new-tokens", "2"], {}),
         "missing-path": (["info", str(tmp / "nowhere")], {}),
-        "hub-unreachable": (["info", "no-such-org/no-such-model"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}),
+        "hub-unreachable": (
+            ["info", "no-such-org/no-such-model"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+        ),
         "convert-no-tokenizer": (["convert", "--teacher", str(teacher), "--out", str(tmp / "out"), "--quiet"], {}),
     }
 
@@ -153,3 +156,15 @@ def test_cli_on_unknown_hub_id_fails_in_one_line(runs) -> None:
 
 def test_convert_without_tokenizer_files_says_so(runs, tmp: Path) -> None:
     assert_one_line_error(runs["convert-no-tokenizer"][0], 1, f"{tmp / 'teacher'} has no tokenizer files")
+
+
+@pytest.mark.parametrize(("kind", "code"), [("missing_path", 2), ("no_weights", 1), ("truncated", 1)])
+def test_cli_fails_before_importing_torch(good: Path, tmp_path: Path, kind: str, code: int) -> None:
+    target = tmp_path / "nowhere" if kind == "missing_path" else broken(good, tmp_path, kind)
+    script = (
+        f"import sys\nfrom hyla.cli import main\nsys.argv = ['hyla', 'info', {str(target)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout == f"{code} False\n", done.stderr[-2000:]
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
