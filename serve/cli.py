@@ -95,6 +95,7 @@ def serve(
 
     from hyla.runtime.engine import LLMEngine
     from hyla.runtime.engine_config import EngineConfig
+    from hyla.runtime.load_errors import ModelLoadError
     from hyla.serve.app import HylaServer, ServerSettings
 
     if api_key is None and os.environ.get("HYLA_API_KEY") is not None:
@@ -114,6 +115,9 @@ def serve(
             enforce_eager=enforce_eager,
         )
         engine = LLMEngine.from_config(config)
+    except ModelLoadError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code) from None
     except (ValueError, FileNotFoundError, OSError) as error:
         raise typer.BadParameter(str(error)) from None
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -103,6 +103,7 @@ def runs(good: Path, tmp: Path) -> dict[str, tuple[subprocess.CompletedProcess, 
         "info-truncated": (["info", str(broken(good, tmp, "truncated"))], {}),
         "generate-layer-types": (["generate", str(broken(good, tmp, "layer_types")), "--max-new-tokens", "2"], {}),
         "missing-path": (["info", str(tmp / "nowhere")], {}),
+        "serve-shape": (["serve", str(broken(good, tmp, "shape")), "--port", "0"], {}),
         "hub-unreachable": (
             ["info", "no-such-org/no-such-model"], {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
         ),
@@ -130,6 +131,10 @@ def test_info_on_truncated_weights_fails_in_one_line(runs) -> None:
 
 def test_generate_on_bad_layer_types_fails_in_one_line(runs) -> None:
     assert_one_line_error(runs["generate-layer-types"][0], 1, "unknown layer types ['mamba']")
+
+
+def test_serve_on_a_shape_mismatch_fails_in_one_line(runs) -> None:
+    assert_one_line_error(runs["serve-shape"][0], 1, "the config needs [256, 64]")
 
 
 def test_missing_path_is_named(runs, tmp: Path) -> None:
