@@ -104,9 +104,11 @@ class ModelRunner:
     def metadata(
         self, input_ids: torch.Tensor, positions: torch.Tensor, state_idx: torch.Tensor,
         context_lens: torch.Tensor, query_lens: torch.Tensor | None, max_query_len: int,
+        max_context_len: int | None = None,
     ) -> StepMetadata:
         """Device metadata from per-token ids/positions and per-chunk slots/lengths (graph-safe:
-        no host syncs; `query_lens` None means one token per chunk)."""
+        no host syncs; `query_lens` None means one token per chunk). `max_context_len` bounds the
+        context lengths; graphs leave it at `max_model_len`, eager steps give the real maximum."""
         block_tables = self.block_pool.index_select(0, state_idx)
         n = state_idx.shape[0]
         if query_lens is None:
@@ -121,7 +123,7 @@ class ModelRunner:
         return StepMetadata(
             input_ids=input_ids, positions=positions, slot_mapping=blocks * self.block_size + positions % self.block_size,
             state_idx=state_idx, block_tables=block_tables, context_lens=context_lens.to(torch.int32),
-            cu_seqlens=cu, max_query_len=max_query_len, max_context_len=self.max_model_len,
+            cu_seqlens=cu, max_query_len=max_query_len, max_context_len=max_context_len or self.max_model_len,
         )
 
     # ---- running --------------------------------------------------------------------------------
@@ -155,7 +157,9 @@ class ModelRunner:
         host = (tokens + positions + [c.seq.slot for c in chunks] + [c.end for c in chunks]
                 + [c.num_tokens for c in chunks])
         ids, pos, slots, lens, qlens = self.to_device(host).split([t, t, n, n, n])
-        meta = self.metadata(ids, pos, slots, lens, qlens, max(c.num_tokens for c in chunks))
+        meta = self.metadata(
+            ids, pos, slots, lens, qlens, max(c.num_tokens for c in chunks), max(c.end for c in chunks)
+        )
         hidden = self.model.model(ids[None], PagedContext(meta, self.kv, self.states))[0]
         rows, last_rows, row_of = [], [], []
         for w, start in zip(work, offsets):

@@ -140,17 +140,18 @@ def _decode_reference(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     scale: float, max_context_len: int, block_size: int,
 ) -> Tensor:
+    """Gather each sequence's first ``max_context_len`` keys/values (in the cache dtype) and run SDPA
+    with GQA and a length mask; empty contexts give zeros."""
     N, Hq, D = q.shape
-    Hkv = k_cache.shape[1]
     L = max(min(max_context_len, block_tables.shape[1] * block_size), 1)
-    k = _gather_context(k_cache, block_tables, L, block_size).float()  # [N, L, Hkv, D]
-    v = _gather_context(v_cache, block_tables, L, block_size).float()
-    qg = q.float().view(N, Hkv, Hq // Hkv, D)
-    scores = torch.einsum("nhgd,nlhd->nhgl", qg, k) * scale
-    valid = torch.arange(L, device=q.device) < context_lens.to(q.device)[:, None]  # [N, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # empty contexts give all-NaN rows
-    return torch.einsum("nhgl,nlhd->nhgd", probs, v).reshape(N, Hq, D).to(q.dtype)
+    k = _gather_context(k_cache, block_tables, L, block_size).transpose(1, 2)  # [N, Hkv, L, D]
+    v = _gather_context(v_cache, block_tables, L, block_size).transpose(1, 2)
+    lens = context_lens.to(q.device)
+    valid = torch.arange(L, device=q.device) < lens[:, None]  # [N, L]
+    o = F.scaled_dot_product_attention(
+        q[:, :, None].to(k.dtype), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+    )[:, :, 0]
+    return torch.where((lens > 0)[:, None, None], o, 0.0).to(q.dtype)
 
 
 def _prefill_reference(
