@@ -181,12 +181,19 @@ def bench_serve(
     output_len: int = typer.Option(64, help="Mean output tokens requested (EOS ignored)."),
     len_spread: float = typer.Option(0.25, help="Lengths vary uniformly by ± this fraction."),
     prompts_file: Path = typer.Option(None, help="Prompts, one a line (or JSONL with a `prompt` field)."),
+    shared_prefix_len: int = typer.Option(
+        0, min=0, help="Words of one common prefix in front of every prompt (--prompt-len is then each suffix)."
+    ),
+    turns: int = typer.Option(
+        1, min=1, help="Chat turns per request: each later turn resends the conversation plus a new message."
+    ),
     api_key: str = typer.Option(None, envvar="HYLA_API_KEY", help="Bearer key if the server needs one."),
     seed: int = typer.Option(0, help="Prompt / arrival seed."),
     out: Path = typer.Option(Path("bench-serve"), help="Folder for results.json and plot.png."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Load-test a serving endpoint: throughput, TTFT / TPOT / inter-token latency percentiles, errors."""
+    """Load-test a serving endpoint: throughput, TTFT / TPOT / inter-token latency percentiles, errors, and
+    the share of prompt tokens served from the prefix cache (shared-prefix and multi-turn workloads)."""
     import asyncio
 
     from tqdm import tqdm
@@ -211,6 +218,7 @@ def bench_serve(
                 concurrency=value if kind == "concurrency" else None, rate=value if kind == "rate" else None,
                 num_requests=None if duration else num_requests, duration=duration, warmup=warmup,
                 prompt_len=prompt_len, output_len=output_len, len_spread=len_spread, prompts=prompts, seed=seed,
+                shared_prefix_len=shared_prefix_len, turns=turns,
             )
             target = GrpcTarget(grpc, api_key) if grpc else OpenAITarget(url, model, api_key)
             try:

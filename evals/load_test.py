@@ -2,7 +2,9 @@
 
 Fixed concurrency (N clients back to back) or an open-loop Poisson arrival rate; synthetic prompts
 of a chosen length distribution or a prompts file; warm-up requests excluded from the numbers.
-Streams every response to time the first token and the gaps between tokens.
+Streams every response to time the first token and the gaps between tokens. For prefix caching:
+a common prefix in front of every prompt, and multi-turn chats (each turn resends the conversation
+so far plus a new message); the summary reports the share of prompt tokens the server found cached.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class Workload:
     prompts: list[str] | None = None
     seed: int = 0
     timeout: float = 300.0
+    shared_prefix_len: int = 0
+    """Words of one common prefix in front of every prompt (whose own part is then the suffix)."""
+    turns: int = 1
+    """Turns per conversation: each request is a chat whose later turns append the answer and a new
+    message of ~prompt_len words."""
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -56,11 +63,14 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    text: str = ""
     error: str | None = None
 
 
-def synthetic_prompts(workload: Workload, count: int) -> list[tuple[str, int]]:
-    """(prompt, max_tokens) pairs: essay text of ~prompt_len words and output lengths, both ±len_spread."""
+def synthetic_prompts(workload: Workload, count: int) -> list[list[tuple[str, int]]]:
+    """Per request, its turns' (message, max_tokens): essay text of ~prompt_len words (the first one
+    after the shared prefix, if any) and output lengths, both ±len_spread."""
     from hyla.evals.recall import haystack_sentences
 
     rng = random.Random(workload.seed)
@@ -69,15 +79,21 @@ def synthetic_prompts(workload: Workload, count: int) -> list[tuple[str, int]]:
     def jitter(n: int) -> int:
         return max(1, round(n * (1 + rng.uniform(-workload.len_spread, workload.len_spread))))
 
+    def text(n: int) -> str:
+        start = rng.randrange(len(words) - n)
+        return " ".join(words[start : start + n])
+
+    prefix = text(workload.shared_prefix_len) + " " if workload.shared_prefix_len else ""
     out = []
     for i in range(count):
-        if workload.prompts:
-            prompt = workload.prompts[i % len(workload.prompts)]
-        else:
-            n = jitter(workload.prompt_len)
-            start = rng.randrange(len(words) - n)
-            prompt = " ".join(words[start : start + n])
-        out.append((prompt, jitter(workload.output_len)))
+        turns = []
+        for turn in range(workload.turns):
+            if workload.prompts and turn == 0:
+                message = workload.prompts[i % len(workload.prompts)]
+            else:
+                message = text(jitter(workload.prompt_len))
+            turns.append(((prefix if turn == 0 else "\n\n") + message, jitter(workload.output_len)))
+        out.append(turns)
     return out
 
 
@@ -142,6 +158,9 @@ class OpenAITarget:
                     if event.get("usage"):
                         result.output_tokens = event["usage"].get("completion_tokens", 0)
                         result.prompt_tokens = event["usage"].get("prompt_tokens", 0)
+                        details = event["usage"].get("prompt_tokens_details") or {}
+                        result.cached_tokens = details.get("cached_tokens") or 0
+                    result.text += "".join(c.get("text") or "" for c in event.get("choices") or [])
                     if any(c.get("text") for c in event.get("choices") or []):
                         now = time.perf_counter()
                         if result.ttft is None:
@@ -205,8 +224,10 @@ class GrpcTarget:
         try:
             async for message in self.stub.GenerateStream(request, metadata=self.metadata, timeout=self.timeout):
                 new = sum(len(c.token_ids) for c in message.completions)
+                result.text += "".join(c.text for c in message.completions)
                 if message.usage.prompt_tokens:
                     result.prompt_tokens = message.usage.prompt_tokens
+                    result.cached_tokens = message.usage.prompt_tokens_details.cached_tokens
                 if new:
                     now = time.perf_counter()
                     if result.ttft is None:
@@ -232,37 +253,51 @@ async def run_workload(target, workload: Workload, progress: Callable[[int], Non
     await target.check()
     count = workload.num_requests or 1_000_000
     requests = synthetic_prompts(workload, workload.warmup + min(count, 100_000))
-    for prompt, max_tokens in requests[: workload.warmup]:
-        await target.send(prompt, max_tokens)
+    for turns in requests[: workload.warmup]:
+        await converse(target, turns)
     queue = iter(requests[workload.warmup :])
     deadline = time.perf_counter() + workload.duration if workload.duration else float("inf")
     results: list[RequestResult] = []
     began = time.perf_counter()
 
-    async def one(prompt: str, max_tokens: int) -> None:
-        results.append(await target.send(prompt, max_tokens))
+    async def one(turns: list[tuple[str, int]]) -> None:
+        results.extend(await converse(target, turns))
         if progress:
             progress(1)
 
     if workload.concurrency is not None:
 
         async def client() -> None:
-            for prompt, max_tokens in queue:
+            for turns in queue:
                 if time.perf_counter() >= deadline:
                     return
-                await one(prompt, max_tokens)
+                await one(turns)
 
         await asyncio.gather(*(client() for _ in range(workload.concurrency)))
     else:
         rng = random.Random(workload.seed + 1)
         pending: list[Awaitable[None]] = []
-        for prompt, max_tokens in queue:
+        for turns in queue:
             if time.perf_counter() >= deadline:
                 break
-            pending.append(asyncio.ensure_future(one(prompt, max_tokens)))
+            pending.append(asyncio.ensure_future(one(turns)))
             await asyncio.sleep(rng.expovariate(workload.rate))
         await asyncio.gather(*pending)
     return summarize(results, time.perf_counter() - began, workload)
+
+
+async def converse(target, turns: list[tuple[str, int]]) -> list[RequestResult]:
+    """Send the turns of one conversation in order, each with everything said before it."""
+    results: list[RequestResult] = []
+    history = ""
+    for message, max_tokens in turns:
+        history += message
+        result = await target.send(history, max_tokens)
+        results.append(result)
+        if not result.ok:
+            break
+        history += result.text
+    return results
 
 
 def _percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
@@ -280,6 +315,7 @@ def summarize(results: list[RequestResult], elapsed: float, workload: Workload) 
     """Throughput, latency percentiles (ms) and error counts of one run."""
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = sum(r.prompt_tokens for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     return {
         "workload": {k: v for k, v in asdict(workload).items() if k != "prompts"},
@@ -289,8 +325,9 @@ def summarize(results: list[RequestResult], elapsed: float, workload: Workload) 
         "duration_s": elapsed,
         "request_throughput": len(ok) / elapsed if elapsed else 0.0,
         "output_token_throughput": out_tokens / elapsed if elapsed else 0.0,
-        "total_token_throughput": (out_tokens + sum(r.prompt_tokens for r in ok)) / elapsed if elapsed else 0.0,
+        "total_token_throughput": (out_tokens + prompt_tokens) / elapsed if elapsed else 0.0,
         "output_tokens": out_tokens,
+        "prefix_cache_hit_rate": (sum(r.cached_tokens for r in ok) / prompt_tokens) if prompt_tokens else 0.0,
         "ttft_ms": _percentiles([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": _percentiles(tpot),
         "itl_ms": _percentiles([g for r in ok for g in r.itl]),
@@ -301,8 +338,9 @@ def summarize(results: list[RequestResult], elapsed: float, workload: Workload) 
 def format_table(runs: list[dict]) -> str:
     """A markdown table, one row per run."""
     head = (
-        "| load | done | errors | req/s | out tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms |\n"
-        "|---|---:|---:|---:|---:|---|---|---|"
+        "| load | done | errors | req/s | out tok/s | cached | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms "
+        "| ITL p50/p90/p99 ms |\n"
+        "|---|---:|---:|---:|---:|---:|---|---|---|"
     )
     rows = []
     for run in runs:
@@ -315,7 +353,8 @@ def format_table(runs: list[dict]) -> str:
 
         rows.append(
             f"| {load} | {run['completed']}/{run['requests']} | {sum(run['errors'].values())} | "
-            f"{run['request_throughput']:.2f} | {run['output_token_throughput']:.1f} | {trio('ttft_ms')} | "
+            f"{run['request_throughput']:.2f} | {run['output_token_throughput']:.1f} | "
+            f"{run['prefix_cache_hit_rate']:.0%} | {trio('ttft_ms')} | "
             f"{trio('tpot_ms')} | {trio('itl_ms')} |"
         )
     return "\n".join([head, *rows])

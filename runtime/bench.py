@@ -99,7 +99,8 @@ def engine_config(
     name: str, config: HybridConfig, device: str, dtype: str, context: int, batch: int, max_tokens: int,
     max_num_batched_tokens: int, cache_memory: str, enforce_eager: bool,
 ) -> EngineConfig:
-    """An engine sized for one point; `cache_memory="auto"` is exactly the KV + state it needs."""
+    """An engine sized for one point; `cache_memory="auto"` is exactly the KV + state it needs. Prefix
+    caching is off: the timed batch repeats the warm-up's prompts and must be computed cold."""
     length = context + max_tokens
     if cache_memory == "auto":
         sizes = cache_sizes(config, kv_dtype=parse_dtype(dtype), state_dtype=torch.float32)
@@ -109,8 +110,11 @@ def engine_config(
         max_num_batched_tokens=max(batch, min(batch * context, max(context, max_num_batched_tokens))),
         cache_memory=cache_memory,
     )
-    if "enforce_eager" in {f.name for f in fields(EngineConfig)}:
+    known = {f.name for f in fields(EngineConfig)}
+    if "enforce_eager" in known:
         kwargs["enforce_eager"] = enforce_eager
+    if "enable_prefix_caching" in known:
+        kwargs["enable_prefix_caching"] = False
     return EngineConfig(**kwargs)
 
 

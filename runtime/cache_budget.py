@@ -3,7 +3,10 @@
 The KV pool grows with context length, the state pool with concurrency; their sizes come from the
 model's real shapes (`cache_sizes`), and the KV block size is independent of the state size. A
 budget that cannot hold what was asked for never fails start-up: concurrency, and if need be the
-context length, is clamped, and the plan says so.
+context length, is clamped, and the plan says so. With prefix caching, part of the KV share buys
+state-pool rows for linear-state snapshots: one per checkpoint interval of tokens the KV pool holds,
+at most half of that share, never below one full-length sequence's blocks. Cached blocks themselves
+need no budget: they are KV blocks nobody holds, evicted when a sequence needs them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -75,6 +78,10 @@ class CachePlan:
     kv_bytes_per_block: int
     state_bytes_per_slot: int
     notes: list[str] = field(default_factory=list)
+    num_snapshot_rows: int = 0
+    """State-pool rows beyond `num_slots` for prefix-cache snapshots (running sequences may use them too)."""
+    checkpoint_interval: int | None = None
+    """Prefix caching's snapshot interval in tokens, None when prefix caching is off."""
 
     @property
     def kv_bytes(self) -> int:
@@ -82,7 +89,8 @@ class CachePlan:
 
     @property
     def state_bytes(self) -> int:
-        return self.num_slots * self.state_bytes_per_slot
+        """Slots and snapshot rows."""
+        return (self.num_slots + self.num_snapshot_rows) * self.state_bytes_per_slot
 
     def max_sequences(self, tokens: int) -> int:
         """Sequences of `tokens` tokens that can run at once (slots and KV blocks both limit)."""
@@ -92,9 +100,18 @@ class CachePlan:
 
     def report(self, lengths: tuple[int, ...] = REPORT_LENGTHS) -> str:
         """Start-up text: pools, sequences that fit at given lengths, clamps."""
+        snapshots = f" + {self.num_snapshot_rows} snapshot rows" if self.num_snapshot_rows else ""
+        if self.checkpoint_interval is None:
+            caching = "prefix caching off"
+        else:
+            caching = ("prefix caching on: idle KV blocks stay cached"
+                       + (f", linear states kept every {self.checkpoint_interval} prompt tokens and at prompt ends"
+                          if self.state_bytes_per_slot else ""))
         lines = [
             f"cache budget {fmt_bytes(self.budget_bytes)}: {self.num_blocks} KV blocks of {self.block_size} tokens "
-            f"({fmt_bytes(self.kv_bytes)}) + {self.num_slots} linear-state slots ({fmt_bytes(self.state_bytes)})",
+            f"({fmt_bytes(self.kv_bytes)}) + {self.num_slots} linear-state slots{snapshots} "
+            f"({fmt_bytes(self.state_bytes)})",
+            caching,
             "sequences that fit at once: " + ", ".join(
                 f"{n} tokens: {self.max_sequences(n)}"
                 for n in sorted({*lengths, self.max_model_len}) if n <= self.max_model_len
@@ -104,13 +121,41 @@ class CachePlan:
 
 
 def plan_cache(
-    sizes: CacheSizes, budget: int, block_size: int, max_num_seqs: int, max_model_len: int
+    sizes: CacheSizes, budget: int, block_size: int, max_num_seqs: int, max_model_len: int,
+    checkpoint_interval: int | None = None,
 ) -> CachePlan:
-    """Give every one of `max_num_seqs` sequences a state slot and the rest of the budget to KV blocks.
+    """Give every one of `max_num_seqs` sequences a state slot and the rest of the budget to KV blocks
+    (and, with prefix caching every `checkpoint_interval` tokens, to snapshot rows).
 
     The KV pool must hold at least one sequence of `max_model_len` tokens; if that and the slots do not
     fit, the slot count is clamped, then the context length, never below one slot and one block.
     """
+    plan = _plan_pools(sizes, budget, block_size, max_num_seqs, max_model_len)
+    if checkpoint_interval is None:
+        return plan
+    return replace(plan, checkpoint_interval=checkpoint_interval,
+                   **_snapshot_split(plan, checkpoint_interval, sizes.kv_bytes_per_token))
+
+
+def _snapshot_split(plan: CachePlan, interval: int, kv_per_token: int) -> dict[str, int]:
+    """Blocks and snapshot rows when part of the KV share buys snapshots (kv-less models: as many as slots
+    if the budget holds them)."""
+    state = plan.state_bytes_per_slot
+    if not state:
+        return {}
+    if not kv_per_token:
+        return {"num_snapshot_rows": min(plan.num_slots, max(0, plan.budget_bytes // state - plan.num_slots))}
+    kv_share = plan.num_blocks * plan.kv_bytes_per_block
+    blocks = int(kv_share // (plan.kv_bytes_per_block + plan.block_size * state / interval))
+    rows = min(blocks * plan.block_size // interval, kv_share // 2 // state)
+    min_blocks = math.ceil(plan.max_model_len / plan.block_size)
+    rows = max(0, min(rows, (kv_share - min_blocks * plan.kv_bytes_per_block) // state))
+    return {"num_blocks": (kv_share - rows * state) // plan.kv_bytes_per_block, "num_snapshot_rows": rows}
+
+
+def _plan_pools(
+    sizes: CacheSizes, budget: int, block_size: int, max_num_seqs: int, max_model_len: int
+) -> CachePlan:
     kv_block = sizes.kv_bytes_per_token * block_size
     state = sizes.state_bytes_per_sequence
     notes: list[str] = []

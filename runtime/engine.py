@@ -27,6 +27,7 @@ from hyla.runtime.model import HybridForCausalLM
 from hyla.runtime.model_runner import ChunkResult, ChunkWork, ModelRunner
 from hyla.runtime.output_processor import OutputProcessor, new_detokenizer
 from hyla.runtime.outputs import RequestOutput
+from hyla.runtime.prefix_cache import PrefixCache, model_salt
 from hyla.runtime.request import Request, Sequence
 from hyla.runtime.sampling_params import SamplingParams
 from hyla.runtime.scheduler import ScheduledChunk, Scheduler
@@ -48,6 +49,14 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    prefix_cache_queries_total: int = 0
+    """Prompt tokens looked up in the prefix cache (each request once, when first admitted)."""
+    prefix_cache_hits_total: int = 0
+    """Of those, tokens found (not computed)."""
+    prefix_cache_blocks: int = 0
+    """KV blocks only the prefix cache holds (evictable; not in `kv_blocks_used`)."""
+    prefix_cache_snapshots: int = 0
+    """Linear-state snapshots the prefix cache holds (evictable; not in `state_slots_used`)."""
 
 
 class LLMEngine:
@@ -73,14 +82,20 @@ class LLMEngine:
             cache_sizes(mc, kv_dtype=dtype, state_dtype=state_dtype),
             parse_memory(config.cache_memory, config.device),
             config.block_size, config.max_num_seqs, wanted_len,
+            config.checkpoint_interval if config.enable_prefix_caching else None,
         )
         self.plan = plan
         self.max_model_len = plan.max_model_len
         self.max_num_seqs = plan.num_slots
-        self.scheduler = Scheduler(
-            CacheManager(plan.num_blocks, config.block_size, plan.num_slots), plan.num_slots,
-            config.max_num_batched_tokens,
+        prefix = None
+        if config.enable_prefix_caching:
+            prefix = PrefixCache(model_salt(config.model, mc.layer_types, config.dtype, config.state_dtype))
+        cache = CacheManager(
+            plan.num_blocks, config.block_size, plan.num_slots, prefix_cache=prefix,
+            has_state=bool(mc.linear_layers), checkpoint_interval=config.checkpoint_interval,
+            num_snapshot_rows=plan.num_snapshot_rows,
         )
+        self.scheduler = Scheduler(cache, plan.num_slots, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             self.model, plan, dtype, state_dtype, plan.num_slots, use_cuda_graphs=not config.enforce_eager
         )
@@ -203,7 +218,7 @@ class LLMEngine:
             return []
         work = [self._work(c) for c in plan.chunks]
         try:
-            results = self.runner.execute(work, plan.block_copies)
+            results = self.runner.execute(work, plan.block_copies, plan.state_copies)
         except Exception as exc:
             return self._fail({c.seq.request.request_id: c.seq.request for c in plan.chunks}.values(), exc)
         advanced: dict[str, Request] = {}
@@ -243,6 +258,7 @@ class LLMEngine:
         chunk, seq = work.chunk, work.chunk.seq
         request, params = seq.request, seq.request.params
         seq.num_computed += chunk.num_tokens
+        self._keep(seq)
         if result.prompt_logprobs is not None:
             self.outputs.prompt_logprobs(request, chunk.start, work.prompt_rows, result.prompt_logprobs)
         if not chunk.completes:
@@ -256,10 +272,16 @@ class LLMEngine:
         family = [seq] + (self._fork(seq) if request.needs_fork else [])
         for member, token in zip(family, result.tokens):
             if self.outputs.append(member, token, result.last_logprobs):
+                self._keep(member, finished=True)
                 self.scheduler.remove(member)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         return True
+
+    def _keep(self, seq: Sequence, finished: bool = False) -> None:
+        """Offer what `seq` computed to the prefix cache, copying states into snapshots now."""
+        for src, dst in self.scheduler.cache.computed(seq, finished):
+            self.runner.copy_state(src, dst)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Siblings 1..n-1 of a sequence whose prompt is done: shared blocks, copied states."""
@@ -326,13 +348,17 @@ class LLMEngine:
         return EngineStats(
             num_running=len(running),
             num_waiting=len(waiting),
-            kv_blocks_used=cache.blocks.num_used,
+            kv_blocks_used=cache.num_used_blocks,
             kv_blocks_total=cache.blocks.num_blocks,
             state_slots_used=cache.num_used_slots,
             state_slots_total=cache.num_slots,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self.outputs.generation_tokens,
+            prefix_cache_queries_total=cache.queried_tokens,
+            prefix_cache_hits_total=cache.hit_tokens,
+            prefix_cache_blocks=cache.num_cached_blocks,
+            prefix_cache_snapshots=cache.num_snapshots,
         )
 
 

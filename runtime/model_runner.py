@@ -47,9 +47,9 @@ class ChunkResult:
 class ModelRunner:
     """Runs `HybridForCausalLM`'s own layers under a `PagedContext`; the LM head only on needed rows.
 
-    The KV pool and state pool hold one extra block and slot that padding rows of a CUDA-graph batch
-    write to. Each sequence's block table lives in row `slot` of a device tensor and only entries
-    that changed are written each step.
+    The state pool has a row for every state slot and prefix-cache snapshot; it and the KV pool hold
+    one extra block and row that padding rows of a CUDA-graph batch write to. Each sequence's block
+    table lives in row `slot` of a device tensor and only entries that changed are written each step.
     """
 
     def __init__(
@@ -67,12 +67,13 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.block_size = plan.block_size
         self.max_model_len = plan.max_model_len
-        self.pad_block, self.pad_slot = plan.num_blocks, plan.num_slots
+        rows = plan.num_slots + plan.num_snapshot_rows
+        self.pad_block, self.pad_slot = plan.num_blocks, rows
         self.kv = PagedKVCache(model.config, plan.num_blocks + 1, plan.block_size, dtype, self.device)
-        self.states = StatePool(model.config, plan.num_slots + 1, dtype, state_dtype, self.device)
+        self.states = StatePool(model.config, rows + 1, dtype, state_dtype, self.device)
         self.max_blocks = math.ceil(plan.max_model_len / plan.block_size)
         self.block_pool = torch.full(
-            (plan.num_slots + 1, self.max_blocks), self.pad_block, dtype=torch.int32, device=self.device
+            (rows + 1, self.max_blocks), self.pad_block, dtype=torch.int32, device=self.device
         )
         self._pin = self.device.type == "cuda"
         self.graphs = None
@@ -129,10 +130,15 @@ class ModelRunner:
     # ---- running --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, work: list[ChunkWork], block_copies: list[tuple[int, int]]) -> list[ChunkResult]:
-        """Run every chunk's new tokens, then draw and score what `work` asks for."""
+    def execute(
+        self, work: list[ChunkWork], block_copies: list[tuple[int, int]], state_copies: list[tuple[int, int]]
+    ) -> list[ChunkResult]:
+        """Copy blocks and states (in order) as scheduled, run every chunk's new tokens, then draw and
+        score what `work` asks for."""
         chunks = [w.chunk for w in work]
         self.kv.copy_blocks(block_copies)
+        for src, dst in state_copies:
+            self.states.copy(src, dst)
         self._sync_block_tables(chunks)
         fresh = [c.seq.slot for c in chunks if c.start == 0]
         if fresh:

@@ -77,6 +77,7 @@ class OutputProcessor:
             finished=request.finished,
             metrics=metrics,
             error=request.error,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
     @staticmethod

@@ -46,3 +46,5 @@ class RequestOutput:
     """arrival / first_token / finished timestamps (time.monotonic()) for latency metrics."""
     error: str | None = None
     """Set when the engine failed this request (it is finished, its cache freed; others carry on)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache instead of computed."""

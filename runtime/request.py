@@ -30,6 +30,10 @@ class Sequence:
     """Slots reserved for the siblings a not-yet-forked sequence will spawn."""
     synced_blocks: int = 0
     """Leading entries of `block_table` already written to the runner's device block table."""
+    block_keys: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of the leading full blocks of `token_ids` (extended as they are needed)."""
+    registered_blocks: int = 0
+    """Leading blocks of `block_table` already offered to the prefix cache."""
     seed: int = 0
     """Seed of this continuation's random draws (with the position, it fixes every draw)."""
     logprobs: list[TokenLogprobs] | None = None
@@ -84,6 +88,8 @@ class Request:
     finished_time: float | None = None
     error: str | None = None
     """Why the engine failed this request, if it did."""
+    num_cached_tokens: int | None = None
+    """Prompt tokens found in the prefix cache when the request was first admitted."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,7 +2,9 @@
 
 Each step, running sequences (oldest first) get their next tokens (one for decode, a chunk of the
 prompt for prefill) until `max_num_batched_tokens` is used; then waiting sequences are admitted
-while a state slot, `max_num_seqs` and KV blocks allow. When KV blocks run out, the newest running
+while a state slot, `max_num_seqs` and KV blocks allow, each starting after the longest prefix the
+prefix cache holds for it (its snapshot copied into its slot). Prefill chunks end where the cache
+manager keeps snapshots. When KV blocks run out, the newest running
 sequences are preempted: their blocks and slot are freed and they wait to be recomputed. The
 scheduler owns the `CacheManager`, so every cache change goes through it.
 """
@@ -37,6 +39,8 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    state_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) state-pool rows to copy, in order, before the step runs (prefix-cache hits)."""
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
@@ -74,7 +78,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget:
             seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
+            n = self.cache.chunk_size(seq, seq.num_computed, min(seq.num_uncomputed, budget))
             while not self.cache.can_grow(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -92,13 +96,16 @@ class Scheduler:
         while self.waiting and budget:
             seq = self.waiting[0]
             reserved = len(self.running) + sum(len(s.spare_slots) for s in self.running)
-            n = min(seq.num_uncomputed, budget)
-            if reserved + seq.slots_needed > self.max_num_seqs or not self.cache.can_admit(seq, n):
+            hit = self.cache.lookup(seq)
+            n = self.cache.chunk_size(seq, hit.position, min(seq.num_tokens - hit.position, budget))
+            if reserved + seq.slots_needed > self.max_num_seqs or not self.cache.can_admit(seq, n, hit):
                 break
             self.waiting.pop(0)
-            out.block_copies += self.cache.admit(seq, n)
+            out.block_copies += self.cache.admit(seq, n, hit)
+            if hit.point is not None and hit.point.row is not None:
+                out.state_copies.append((hit.point.row, seq.slot))
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, 0, n))
+            out.chunks.append(ScheduledChunk(seq, hit.position, n))
             budget -= n
         return out
 

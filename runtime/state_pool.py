@@ -1,6 +1,7 @@
-"""`StatePool`: the tensors holding every linear layer's per-sequence state, one row per state slot.
+"""`StatePool`: the tensors holding every linear layer's per-sequence state, one row per state slot or
+prefix-cache snapshot.
 
-Which slot belongs to which sequence is the `CacheManager`'s business; this class only stores.
+Which row belongs to which sequence or snapshot is the `CacheManager`'s business; this class only stores.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class StatePool:
         self.recurrent.index_fill_(1, slots, 0)
 
     def copy(self, src: int, dst: int) -> None:
-        """Give slot `dst` the states of slot `src` (forking a sequence)."""
+        """Give row `dst` the states of row `src` (forking a sequence, taking or restoring a snapshot)."""
         if self.conv is not None:
             self.conv[:, dst] = self.conv[:, src]
         self.recurrent[:, dst] = self.recurrent[:, src]

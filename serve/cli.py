@@ -80,6 +80,14 @@ def serve(
     enforce_eager: bool = typer.Option(
         False, "--enforce-eager", help="No CUDA graphs for decode steps (they are captured at start-up on CUDA)."
     ),
+    enable_prefix_caching: bool = typer.Option(
+        True, "--enable-prefix-caching/--no-enable-prefix-caching",
+        help="Keep computed KV blocks and linear-state snapshots for requests that share a prefix.",
+    ),
+    prefix_checkpoint_interval: int | None = typer.Option(
+        None, min=1, help="Prompt tokens between linear-state snapshots, a multiple of the block size "
+        "(default: 32 blocks, 512 tokens)."
+    ),
     max_body_bytes: int = typer.Option(16 * 2**20, min=1024, help="Largest accepted HTTP request body (413 above)."),
     max_request_tokens: int = typer.Option(
         2**19, min=1, help="Most token positions one request may ask for: prompts x n x (logprobs + 1) x "
@@ -112,7 +120,8 @@ def serve(
         config = EngineConfig(
             model=model, device=device, dtype=dtype, state_dtype=state_dtype, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
-            enforce_eager=enforce_eager,
+            enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
+            prefix_checkpoint_interval=prefix_checkpoint_interval,
         )
         engine = LLMEngine.from_config(config)
     except ModelLoadError as error:

@@ -171,7 +171,8 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
     @staticmethod
     def _usage(output: RequestOutput) -> pb.Usage:
         prompt, generated = len(output.prompt_token_ids), sum(len(out.token_ids) for out in output.outputs)
-        return pb.Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+        return pb.Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated,
+                        prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=output.num_cached_tokens))
 
 
 class GrpcFrontEnd:

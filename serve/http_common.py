@@ -6,9 +6,10 @@ from typing import Any
 
 from starlette.requests import Request
 
+from hyla.runtime.outputs import RequestOutput
 from hyla.runtime.sampling_params import SamplingParams
 from hyla.serve.errors import unsupported
-from hyla.serve.protocol import ErrorResponse, SamplingFields, Usage
+from hyla.serve.protocol import ErrorResponse, PromptTokensDetails, SamplingFields, Usage
 from hyla.serve.served_model import ServedModel
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -66,7 +67,11 @@ def include_usage(body: SamplingFields) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(finals: list[RequestOutput]) -> Usage:
+    """Token counts of finished engine requests (cached prompt tokens included in the prompt's)."""
+    prompt = sum(len(f.prompt_token_ids) for f in finals)
+    completion = sum(len(out.token_ids) for f in finals for out in f.outputs)
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(f.num_cached_tokens for f in finals)),
     )

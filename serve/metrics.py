@@ -17,13 +17,17 @@ PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.
 ENGINE_FIELDS = [
     ("hyla_num_requests_running", "num_running", "Requests the engine is running.", False),
     ("hyla_num_requests_waiting", "num_waiting", "Requests queued for the engine.", False),
-    ("hyla_kv_blocks_used", "kv_blocks_used", "KV-cache blocks in use.", False),
+    ("hyla_kv_blocks_used", "kv_blocks_used", "KV-cache blocks running requests hold.", False),
     ("hyla_kv_blocks_total", "kv_blocks_total", "KV-cache blocks allocated.", False),
-    ("hyla_state_slots_used", "state_slots_used", "Linear-attention state slots in use.", False),
+    ("hyla_state_slots_used", "state_slots_used", "Linear-attention state slots running requests hold.", False),
     ("hyla_state_slots_total", "state_slots_total", "Linear-attention state slots allocated.", False),
     ("hyla_num_preemptions", "num_preemptions", "Requests preempted for cache space.", True),
     ("hyla_prompt_tokens", "prompt_tokens_total", "Prompt tokens processed.", True),
     ("hyla_generation_tokens", "generation_tokens_total", "Tokens generated.", True),
+    ("hyla_prefix_cache_queries", "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", True),
+    ("hyla_prefix_cache_hits", "prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", True),
+    ("hyla_prefix_cache_blocks", "prefix_cache_blocks", "KV blocks only the prefix cache holds (evictable).", False),
+    ("hyla_prefix_cache_snapshots", "prefix_cache_snapshots", "Linear-state snapshots the prefix cache holds.", False),
 ]
 
 

@@ -196,10 +196,16 @@ class DetokenizeRequest(RequestBody):
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens served from the prefix cache instead of computed."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(BaseModel):

@@ -82,7 +82,7 @@ async def create_chat_completion(
     ]
     return ChatCompletionResponse(
         id=chat_id, created=created, model=served.name, choices=choices,
-        usage=usage(len(final.prompt_token_ids), sum(len(out.token_ids) for out in final.outputs)),
+        usage=usage([final]),
     )
 
 
@@ -102,5 +102,4 @@ async def stream_chunks(
         if choices:
             yield chunk(choices)
         if output.finished and include_usage(body):
-            completion_tokens = sum(len(out.token_ids) for out in output.outputs)
-            yield chunk([], usage=usage(len(output.prompt_token_ids), completion_tokens))
+            yield chunk([], usage=usage([output]))

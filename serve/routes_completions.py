@@ -115,8 +115,7 @@ async def create_completion(
     choices = [b.whole(final, out) for b, final in zip(builders, finals) for out in final.outputs]
     return CompletionResponse(
         id=completion_id, created=created, model=served.name, choices=choices,
-        usage=usage(sum(len(f.prompt_token_ids) for f in finals),
-                    sum(len(out.token_ids) for f in finals for out in f.outputs)),
+        usage=usage(finals),
     )
 
 
@@ -128,14 +127,12 @@ async def stream_chunks(
     completion_id: str,
     created: int,
 ) -> AsyncIterator[CompletionResponse]:
-    prompt_tokens = completion_tokens = 0
+    finals = []
     async for i, output in merged(requests):
         choices = builders[i].streamed(output)
         if choices:
             yield CompletionResponse(id=completion_id, created=created, model=served.name, choices=choices)
         if output.finished:
-            prompt_tokens += len(output.prompt_token_ids)
-            completion_tokens += sum(len(out.token_ids) for out in output.outputs)
+            finals.append(output)
     if include_usage(body):
-        yield CompletionResponse(id=completion_id, created=created, model=served.name, choices=[],
-                                 usage=usage(prompt_tokens, completion_tokens))
+        yield CompletionResponse(id=completion_id, created=created, model=served.name, choices=[], usage=usage(finals))

@@ -104,6 +104,16 @@ def test_bench_serve_grpc_and_poisson(server, tmp_path: Path) -> None:
     assert run["errors"] == {} and run["completed"] == 4 and run["output_tokens"] >= 4
 
 
+def test_bench_serve_shared_prefix_chats_report_the_hit_rate(server, tmp_path: Path) -> None:
+    result = _bench("--url", server[0], "--concurrency", "2", "--num-requests", "4", "--warmup", "0",
+                    "--shared-prefix-len", "80", "--turns", "2", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["errors"] == {} and run["completed"] == 8  # 4 conversations of 2 turns
+    assert 0.3 < run["prefix_cache_hit_rate"] < 1
+    assert "| cached |" in result.output
+
+
 def test_bench_serve_wrong_url_fails_fast(tmp_path: Path) -> None:
     start = time.monotonic()
     result = _bench("--url", "http://127.0.0.1:9", "--out", str(tmp_path))

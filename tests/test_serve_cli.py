@@ -84,7 +84,8 @@ def test_serve_prints_working_examples_and_drains_on_sigterm(model_dir):
 
 
 def test_serve_help():
-    result = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200)
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})  # rich reads the width from COLUMNS
     assert result.exit_code == 0
-    for option in ("--port", "--grpc-port", "--api-key", "--served-model-name", "--max-model-len", "--cache-memory"):
+    for option in ("--port", "--grpc-port", "--api-key", "--served-model-name", "--max-model-len", "--cache-memory",
+                   "--enable-prefix-caching", "--no-enable-prefix-caching", "--prefix-checkpoint-interval"):
         assert option in result.output

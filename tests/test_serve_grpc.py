@@ -82,6 +82,13 @@ def test_unary_and_streaming_match_offline_engine(stub, reference):
     assert messages[-1].usage.completion_tokens == 8
 
 
+def test_usage_reports_cached_prompt_tokens(stub):
+    ids = list(range(2000, 2040))
+    cached = [stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids + tail), sampling=greedy(2)),
+                            metadata=AUTH).usage.prompt_tokens_details.cached_tokens for tail in ([5], [5, 6])]
+    assert cached == [0, 41]
+
+
 def test_token_ids_prompt_logprobs_and_n(stub):
     ids = [504, 3458, 282, 4649]
     request = pb.GenerateRequest(

@@ -302,6 +302,20 @@ def test_metrics_count_requests_tokens_and_latency(http):
         assert name in after
 
 
+def test_prefix_cache_hits_in_usage_and_metrics(http):
+    ids = list(range(1000, 1040))
+    before = http.get("/metrics").text
+    replies = [http.post("/v1/completions", json={"prompt": ids + [7] * extra, "max_tokens": 2, "temperature": 0})
+               .json()["usage"] for extra in (1, 2)]
+    after = http.get("/metrics").text
+    # the first prompt's two full blocks and its last, partly filled one (kept at the prompt's end)
+    assert [u["prompt_tokens_details"]["cached_tokens"] for u in replies] == [0, 41]
+    queries, hits = "hyla_prefix_cache_queries_total", "hyla_prefix_cache_hits_total"
+    assert metric(after, queries) - metric(before, queries) == 41 + 42
+    assert metric(after, hits) - metric(before, hits) == 41
+    assert metric(after, "hyla_prefix_cache_blocks") >= 2 and "hyla_prefix_cache_snapshots" in after
+
+
 def test_openapi_is_valid_and_describes_responses(http):
     spec = http.get("/openapi.json").json()
     validate_spec(spec)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hyla/v1/hyla.proto\x12\x07hyla.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe1\x02\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\rH\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x04\n\x02_nB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.hyla.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.hyla.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"]\n\x10PositionLogprobs\x12%\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x15.hyla.v1.TokenLogprob\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.hyla.v1.TokenLogprob\"\x97\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.hyla.v1.PositionLogprobs\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.hyla.v1.FinishReason\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xbd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x19.hyla.v1.PositionLogprobs\x12(\n\x0b\x63ompletions\x18\x04 \x03(\x0b\x32\x13.hyla.v1.Completion\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.hyla.v1.Usage\"\xc3\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x19.hyla.v1.PositionLogprobs\x12(\n\x0b\x63ompletions\x18\x04 \x03(\x0b\x32\x13.hyla.v1.Completion\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.hyla.v1.Usage\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\x9f\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0blayer_types\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\r\x12\x19\n\x11state_slots_total\x18\t \x01(\r\x12\x18\n\x10state_slots_used\x18\n \x01(\r\x12\x13\n\x0bnum_running\x18\x0b \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0c \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa1\x02\n\nGeneration\x12?\n\x08Generate\x12\x18.hyla.v1.GenerateRequest\x1a\x19.hyla.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.hyla.v1.GenerateRequest\x1a\x1f.hyla.v1.GenerateStreamResponse0\x01\x12?\n\x08Tokenize\x12\x18.hyla.v1.TokenizeRequest\x1a\x19.hyla.v1.TokenizeResponse\x12\x42\n\tModelInfo\x12\x19.hyla.v1.ModelInfoRequest\x1a\x1a.hyla.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12hyla/v1/hyla.proto\x12\x07hyla.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe1\x02\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\rH\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x07\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x04\n\x02_nB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.hyla.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.hyla.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\"]\n\x10PositionLogprobs\x12%\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x15.hyla.v1.TokenLogprob\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.hyla.v1.TokenLogprob\"\x97\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.hyla.v1.PositionLogprobs\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.hyla.v1.FinishReason\"\x8c\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12;\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32\x1c.hyla.v1.PromptTokensDetails\",\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\"\xbd\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x19.hyla.v1.PositionLogprobs\x12(\n\x0b\x63ompletions\x18\x04 \x03(\x0b\x32\x13.hyla.v1.Completion\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.hyla.v1.Usage\"\xc3\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x19.hyla.v1.PositionLogprobs\x12(\n\x0b\x63ompletions\x18\x04 \x03(\x0b\x32\x13.hyla.v1.Completion\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.hyla.v1.Usage\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\x9f\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0blayer_types\x18\x04 \x01(\t\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x14\n\x0cmax_num_seqs\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\r\x12\x19\n\x11state_slots_total\x18\t \x01(\r\x12\x18\n\x10state_slots_used\x18\n \x01(\r\x12\x13\n\x0bnum_running\x18\x0b \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0c \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa1\x02\n\nGeneration\x12?\n\x08Generate\x12\x18.hyla.v1.GenerateRequest\x1a\x19.hyla.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.hyla.v1.GenerateRequest\x1a\x1f.hyla.v1.GenerateStreamResponse0\x01\x12?\n\x08Tokenize\x12\x18.hyla.v1.TokenizeRequest\x1a\x19.hyla.v1.TokenizeResponse\x12\x42\n\tModelInfo\x12\x19.hyla.v1.ModelInfoRequest\x1a\x1a.hyla.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hyla.v1.hyla_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1816
-  _globals['_FINISHREASON']._serialized_end=1936
+  _globals['_FINISHREASON']._serialized_start=1924
+  _globals['_FINISHREASON']._serialized_end=2044
   _globals['_TOKENIDS']._serialized_start=31
   _globals['_TOKENIDS']._serialized_end=54
   _globals['_SAMPLINGOPTIONS']._serialized_start=57
@@ -45,20 +45,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POSITIONLOGPROBS']._serialized_end=735
   _globals['_COMPLETION']._serialized_start=738
   _globals['_COMPLETION']._serialized_end=889
-  _globals['_USAGE']._serialized_start=891
-  _globals['_USAGE']._serialized_end=970
-  _globals['_GENERATERESPONSE']._serialized_start=973
-  _globals['_GENERATERESPONSE']._serialized_end=1162
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1165
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1360
-  _globals['_TOKENIZEREQUEST']._serialized_start=1362
-  _globals['_TOKENIZEREQUEST']._serialized_end=1449
-  _globals['_TOKENIZERESPONSE']._serialized_start=1451
-  _globals['_TOKENIZERESPONSE']._serialized_end=1504
-  _globals['_MODELINFOREQUEST']._serialized_start=1506
-  _globals['_MODELINFOREQUEST']._serialized_end=1524
-  _globals['_MODELINFORESPONSE']._serialized_start=1527
-  _globals['_MODELINFORESPONSE']._serialized_end=1814
-  _globals['_GENERATION']._serialized_start=1939
-  _globals['_GENERATION']._serialized_end=2228
+  _globals['_USAGE']._serialized_start=892
+  _globals['_USAGE']._serialized_end=1032
+  _globals['_PROMPTTOKENSDETAILS']._serialized_start=1034
+  _globals['_PROMPTTOKENSDETAILS']._serialized_end=1078
+  _globals['_GENERATERESPONSE']._serialized_start=1081
+  _globals['_GENERATERESPONSE']._serialized_end=1270
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1273
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1468
+  _globals['_TOKENIZEREQUEST']._serialized_start=1470
+  _globals['_TOKENIZEREQUEST']._serialized_end=1557
+  _globals['_TOKENIZERESPONSE']._serialized_start=1559
+  _globals['_TOKENIZERESPONSE']._serialized_end=1612
+  _globals['_MODELINFOREQUEST']._serialized_start=1614
+  _globals['_MODELINFOREQUEST']._serialized_end=1632
+  _globals['_MODELINFORESPONSE']._serialized_start=1635
+  _globals['_MODELINFORESPONSE']._serialized_end=1922
+  _globals['_GENERATION']._serialized_start=2047
+  _globals['_GENERATION']._serialized_end=2336
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,129 @@
+"""`PrefixCache`: the index of reusable cache content — full KV blocks keyed by a hash chain of their
+tokens, and snapshot points (a linear-state snapshot and/or a partly filled KV block at one position).
+
+Block `k` of a token sequence is keyed by `hash(key of block k-1, its tokens)`, the chain starting
+from a salt naming the model, so equal keys mean equal prefixes. A point at position `p` hangs off
+the key of the `p // block_size` full blocks before it, with the `p % block_size` tokens after them
+(its tail). Blocks nobody holds and every point are evictable, least recently used first. The index
+only does the bookkeeping: reference counts live in the `BlockManager`, rows and tensors elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+def chain_hashes(parent: bytes, tokens: list[int], block_size: int) -> list[bytes]:
+    """Keys of the full blocks of `tokens`, chained from `parent`."""
+    keys = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hashlib.blake2b(parent + array("q", tokens[start : start + block_size]).tobytes(),
+                                 digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
+def model_salt(*parts: object) -> bytes:
+    """The root of every hash chain: what must match for cached content to be valid (model, dtypes...)."""
+    return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+
+
+@dataclass(eq=False)
+class Point:
+    """Cached content at `position`: the linear states there (state-pool `row`) and, when the position
+    ends mid-block, the KV block holding the `tail` tokens after the last full block."""
+
+    key: bytes
+    tail: tuple[int, ...]
+    position: int
+    row: int | None
+    block: int | None
+
+
+class PrefixCache:
+    """Hash → block index with an LRU of unreferenced cached blocks, and an LRU index of points."""
+
+    def __init__(self, salt: bytes) -> None:
+        self.salt = salt
+        self._block_of: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()
+        self._points: dict[bytes, dict[tuple[int, ...], Point]] = {}
+        self._point_lru: OrderedDict[Point, None] = OrderedDict()
+
+    # ---- blocks ---------------------------------------------------------------------------------
+
+    @property
+    def num_idle_blocks(self) -> int:
+        """Cached blocks no sequence holds (evictable)."""
+        return len(self._idle)
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._key_of
+
+    def is_idle(self, block: int) -> bool:
+        return block in self._idle
+
+    def register(self, block: int, key: bytes) -> None:
+        """Index a full, computed block under `key` (a duplicate of cached content stays unindexed)."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        """Cached blocks of the longest run of leading `keys`."""
+        blocks = []
+        for key in keys:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def park(self, block: int) -> None:
+        """A cached block lost its last holder: keep it, most recently used."""
+        self._idle[block] = None
+
+    def unpark(self, block: int) -> None:
+        """A parked block is held again."""
+        del self._idle[block]
+
+    def evict_block(self) -> int:
+        """Forget the least recently used parked block and return it for reuse."""
+        block, _ = self._idle.popitem(last=False)
+        del self._block_of[self._key_of.pop(block)]
+        return block
+
+    # ---- points ---------------------------------------------------------------------------------
+
+    @property
+    def num_points(self) -> int:
+        return len(self._point_lru)
+
+    def points(self) -> list[Point]:
+        """Every point, least recently used first."""
+        return list(self._point_lru)
+
+    def add_point(self, point: Point) -> None:
+        self._points.setdefault(point.key, {})[point.tail] = point
+        self._point_lru[point] = None
+
+    def find_point(self, key: bytes, tail: tuple[int, ...]) -> Point | None:
+        return self._points.get(key, {}).get(tail)
+
+    def points_at(self, key: bytes) -> list[Point]:
+        """Points hanging off the full-block prefix `key`."""
+        return list(self._points.get(key, {}).values())
+
+    def touch(self, point: Point) -> None:
+        self._point_lru.move_to_end(point)
+
+    def remove_point(self, point: Point) -> None:
+        del self._point_lru[point]
+        group = self._points[point.key]
+        del group[point.tail]
+        if not group:
+            del self._points[point.key]

@@ -1,0 +1,200 @@
+"""Prefix caching: the same tokens and log-probabilities with caching on and off, for a teacher and a
+hybrid, across shared prefixes, chats, short prompts, mid-block hits, n > 1, preemption and eviction;
+afterwards only evictable cached content remains and the counters match what was sent."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hyla.convert.transfer import hybrid_from_teacher
+from hyla.runtime.cache_manager import CacheManager
+from hyla.runtime.engine import LLMEngine
+from hyla.runtime.engine_config import EngineConfig
+from hyla.runtime.prefix_cache import PrefixCache, model_salt
+from hyla.runtime.request import Request, Sequence
+from hyla.runtime.sampling_params import SamplingParams
+from tests.tiny_models import tiny_teacher
+
+KINDS = ["teacher", "hybrid"]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def models():
+    teacher = tiny_teacher("qwen2")
+    return {"teacher": teacher, "hybrid": hybrid_from_teacher(teacher, ["gdn", "attention", "gla", "gdn"], seed=1)}
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def engine(model, caching: bool, **kw) -> LLMEngine:
+    config = {"cache_memory": "32MiB", "block_size": 16, "prefix_checkpoint_interval": 32, **kw}
+    return LLMEngine(model, None, EngineConfig(model="tiny", enable_prefix_caching=caching, **config))
+
+
+def assert_same(on, off) -> None:
+    """Same tokens; log-probabilities equal up to float noise from a different chunking."""
+    assert [c.token_ids for c in on.outputs] == [c.token_ids for c in off.outputs]
+    for a, b in zip(on.outputs, off.outputs):
+        for pa, pb in zip(a.logprobs, b.logprobs):
+            assert pa.keys() == pb.keys()
+            assert all(abs(pa[t][0] - pb[t][0]) < 1e-4 for t in pa)
+
+
+def assert_only_cached_left(eng: LLMEngine, outputs) -> None:
+    s = eng.stats()
+    assert (s.kv_blocks_used, s.state_slots_used, s.num_running, s.num_waiting) == (0, 0, 0, 0)
+    assert s.prefix_cache_queries_total == sum(len(o.prompt_token_ids) for o in outputs)
+    assert s.prefix_cache_hits_total == sum(o.num_cached_tokens for o in outputs)
+    cache = eng.scheduler.cache
+    assert cache.blocks.num_used == sum(1 for p in cache.cache.points() if p.block is not None)
+    assert s.prefix_cache_snapshots == sum(1 for p in cache.cache.points() if p.row is not None)
+
+
+def run_waves(model, waves, caching: bool, **kw):
+    """Run each wave (a list of (prompt, params)) to completion in turn on one engine."""
+    eng = engine(model, caching, **kw)
+    outputs = []
+    for wave in waves:
+        outputs += eng.generate([p for p, _ in wave], [sp for _, sp in wave])
+    return eng, outputs
+
+
+def compare(model, waves, **kw):
+    """Outputs with caching on equal those with it off; returns the caching engine and its outputs."""
+    eng, on = run_waves(model, waves, True, **kw)
+    _, off = run_waves(model, waves, False, **kw)
+    for a, b in zip(on, off):
+        assert_same(a, b)
+    assert_only_cached_left(eng, on)
+    return eng, on
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_system_prompt_different_questions(models, kind) -> None:
+    system = tokens(60, 1)
+    first = [(system + tokens(7, 2), GREEDY)]
+    rest = [(system + tokens(n, 10 + n), GREEDY) for n in (3, 9, 20)]
+    eng, outs = compare(models[kind], [first, rest])
+    assert outs[0].num_cached_tokens == 0
+    hit = 48 if kind == "teacher" else 32  # teacher: the shared full blocks; hybrid: the last checkpoint
+    assert [o.num_cached_tokens for o in outs[1:]] == [hit] * 3
+    assert eng.stats().prefix_cache_hits_total == 3 * hit
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_three_turn_chat_hits_mid_block(models, kind) -> None:
+    model = models[kind]
+    params = SamplingParams(max_tokens=5, temperature=0, logprobs=1)
+    prompt, results = tokens(13, 3), {}
+    for caching in (True, False):
+        eng = engine(model, caching)
+        history, outs = list(prompt), []
+        for turn in range(3):
+            out = eng.generate([history], params)[0]
+            outs.append(out)
+            history = history + out.outputs[0].token_ids + tokens(4 + turn, 20 + turn)
+        results[caching] = (eng, outs)
+    (eng, on), (_, off) = results[True], results[False]
+    for a, b in zip(on, off):
+        assert_same(a, b)
+    assert_only_cached_left(eng, on)
+    # each turn resumes where the previous one stopped computing (prompt + answer but its last token)
+    expected = [0] + [len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in on[:-1]]
+    assert [o.num_cached_tokens for o in on] == expected
+    assert any(n % 16 for n in expected)  # a hit ending mid-block
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_shorter_than_a_block_and_exact_repeat(models, kind) -> None:
+    short = tokens(5, 4)
+    waves = [[(short, GREEDY)], [(short + tokens(2, 5), GREEDY)], [(short, GREEDY)], [(tokens(50, 6), GREEDY)],
+             [(tokens(50, 6), GREEDY)]]
+    _, outs = compare(models[kind], waves)
+    assert outs[1].num_cached_tokens == 5  # the end-of-prompt point of a one-block-short prompt
+    assert outs[2].num_cached_tokens == 0  # one token is always computed: no point before position 5
+    assert outs[4].num_cached_tokens == (48 if kind == "teacher" else 32)  # hybrid: last checkpoint
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_n_greater_than_one_shares_the_cached_prefix(models, kind) -> None:
+    system = tokens(40, 7)
+    sampled = SamplingParams(max_tokens=6, temperature=0.8, n=2, seed=5, logprobs=1)
+    waves = [[(system + tokens(3, 8), GREEDY)],
+             [(system + tokens(6, 9), sampled), (system + tokens(5, 11), dataclasses.replace(GREEDY, n=2))]]
+    _, outs = compare(models[kind], waves)
+    assert all(o.num_cached_tokens >= 32 for o in outs[1:])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_preemption_of_a_request_sharing_a_prefix_and_eviction(models, kind) -> None:
+    system = tokens(40, 12)
+    waves = [[(system + tokens(4, 13), GREEDY)],
+             [(system + tokens(4 + i, 14 + i), SamplingParams(max_tokens=24, temperature=0, logprobs=1))
+              for i in range(4)],
+             [(tokens(60, 30 + i), GREEDY) for i in range(3)],
+             [(system + tokens(3, 40), GREEDY)]]
+    kw = {"cache_memory": "160KiB", "max_num_seqs": 4, "max_num_batched_tokens": 24, "max_model_len": 96}
+    eng, outs = compare(models[kind], waves, **kw)
+    assert eng.scheduler.num_preemptions > 0
+    assert [o.num_cached_tokens for o in outs[1:5]] == [32] * 4
+    assert outs[-1].num_cached_tokens == 0  # the long prompts of the third wave evicted the shared prefix
+
+
+def test_prompt_logprobs_match_with_a_cached_prefix(models) -> None:
+    model = models["hybrid"]
+    system = tokens(40, 15)
+    scored = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1)
+    waves = [[(system + tokens(5, 16), GREEDY)], [(system + tokens(6, 17), scored)]]
+    _, on = run_waves(model, waves, True)
+    _, off = run_waves(model, waves, False)
+    assert on[1].num_cached_tokens == 0  # prompt log-probabilities need every position computed
+    for a, b in zip(on[1].prompt_logprobs[1:], off[1].prompt_logprobs[1:]):
+        assert a.keys() == b.keys() and all(abs(a[t][0] - b[t][0]) < 1e-5 for t in a)
+    assert on[1].outputs[0].token_ids == off[1].outputs[0].token_ids
+
+
+def test_abort_keeps_computed_blocks_cached(models) -> None:
+    eng = engine(models["hybrid"], True, max_num_batched_tokens=16)
+    prompt = tokens(50, 18)
+    eng.add_request("a", prompt, GREEDY)
+    for _ in range(2):
+        eng.step()
+    eng.abort_request("a")
+    s = eng.stats()
+    assert (s.kv_blocks_used, s.state_slots_used) == (0, 0) and (s.prefix_cache_blocks, s.prefix_cache_snapshots) == (2, 1)
+    out = eng.generate([prompt], GREEDY)[0]
+    assert out.num_cached_tokens == 32
+    assert_same(out, engine(models["hybrid"], False).generate([prompt], GREEDY)[0])
+
+
+def test_hashed_blocks_are_never_written_and_idle_blocks_are_evicted_lru() -> None:
+    cache = CacheManager(num_blocks=4, block_size=4, num_slots=2, prefix_cache=PrefixCache(model_salt("m")))
+    seqs = []
+    for i, prompt in enumerate([list(range(10)), list(range(10)) + [99]]):
+        request = Request(str(i), None, prompt, SamplingParams(max_tokens=1), i)
+        seqs.append(Sequence(request, 0, list(prompt), None))
+    first, second = seqs
+    assert cache.admit(first, 10, cache.lookup(first)) == []
+    first.num_computed = 10
+    cache.computed(first)
+    table = list(first.block_table)
+    cache.release(first)
+    assert cache.num_cached_blocks == 3 and cache.num_used_blocks == 0  # 2 full blocks + the prompt-end point
+    hit = cache.lookup(second)
+    assert hit.position == 10 and hit.blocks == table
+    copies = cache.admit(second, 1, hit)
+    assert len(copies) == 1 and copies[0][0] == hit.blocks[-1]  # the shared partial block is copied first
+    assert second.block_table[:2] == hit.blocks[:2] and second.block_table[2] != hit.blocks[2]
+    cache.release(second)
+    other = Sequence(Request("x", None, list(range(50, 66)), SamplingParams(max_tokens=1), 3), 0,
+                     list(range(50, 66)), None)
+    other.request.seqs.append(other)
+    assert cache.can_admit(other, 16, cache.lookup(other))
+    cache.admit(other, 16, cache.lookup(other))  # needs every block: cached ones and the point go
+    assert cache.num_cached_blocks == 0 and cache.cache.num_points == 0
