@@ -15,12 +15,22 @@ from tests.vllm.tiny_hybrid import hyla_greedy, prompts, tiny_hybrid_dir
 MAX_TOKENS = 32
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_hybrid_dir(tmp_path_factory.mktemp("tiny-hybrid"))
+FAMILIES = ("llama", "qwen2", "qwen3")
+"""Teachers whose hybrids differ in what the plugin maps: llama3 RoPE scaling and an untied head
+(llama), q/k/v biases in every mixer (qwen2), q/k RMSNorm and a tied head (qwen3)."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dir(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_hybrid_dir(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+
+
+@pytest.fixture(scope="module")
 def reference(model_dir: Path) -> list[tuple[list[int], list[int]]]:
     """hyla's engine: (prompt ids, 32 greedy ids) for 8 prompts of mixed lengths."""
     return hyla_greedy(model_dir, prompts(), MAX_TOKENS)

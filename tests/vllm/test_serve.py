@@ -77,6 +77,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
+def family() -> str:
+    """One family is enough here: the offline tests cover the others."""
+    return "llama"
+
+
+@pytest.fixture(scope="module")
 def client(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     port, log = free_port(), tmp_path_factory.mktemp("serve") / "vllm.log"
     proc = serve(model_dir, port, log)

@@ -3,6 +3,7 @@ bf16 view of it: greedy tokens from hyla's engine and teacher-forced logits from
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -63,8 +64,12 @@ def hyla_greedy(model_dir: Path, texts: list[str], max_tokens: int) -> list[tupl
     return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
 
 
-def teacher_forced_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
-    """hyla's bf16 logits `[len(ids), vocab]` (as fp32) for one sequence, position t predicting t+1."""
-    model = HybridForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+@functools.lru_cache(maxsize=4)
+def hyla_model(model_dir: Path, dtype: torch.dtype) -> HybridForCausalLM:
+    return HybridForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+def teacher_forced_logits(model_dir: Path, ids: list[int], dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """hyla's logits `[len(ids), vocab]` (as fp32) for one sequence, position t predicting t+1."""
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
+        return hyla_model(model_dir, dtype)(torch.tensor([ids])).logits[0].float()
