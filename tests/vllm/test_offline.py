@@ -37,3 +37,13 @@ def test_prompt_logprobs_match_hyla_model(llm, model_dir, reference):
     got = [entry[tok].logprob for entry, tok in zip(out.prompt_logprobs[1:], ids[1:])]
     assert_prompt_logprobs_agree(model_dir, ids, got)
 
+
+
+def test_prefix_cache_hit_resumes_saved_states(llm, model_dir, reference):
+    """A repeated prompt starts from cached KV blocks and linear states, and still agrees."""
+    prompt, expected = reference[-1]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompt}], params)
+    again = llm.generate([{"prompt_token_ids": prompt}], params)[0]
+    assert again.num_cached_tokens > 0
+    assert_greedy_agrees(model_dir, prompt, expected, list(again.outputs[0].token_ids))
