@@ -22,10 +22,10 @@ fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "$TORCH" >"$constraints"
-"${pip[@]}" install -c "$constraints" "$SPEC"
+"${pip[@]}" install -q -c "$constraints" "$SPEC"
 # vLLM drags these in for multimodal models; text generation runs without them, and their builds need
 # not match the CPU torch.
-"${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 if [ -n "${HYLA_SRC:-}" ]; then
     # hyla's own pins (e.g. its transformers range) are not vLLM's: install hyla without its deps and
     # add only what its import path and tests need, under the same torch constraint.
