@@ -368,7 +368,9 @@ def sequence_seed(request_seed: int, index: int) -> int:
     return mixed - (1 << 64) if mixed >= 1 << 63 else mixed
 
 
+FATAL_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
+"""Errors after which the device (and so the engine) cannot be trusted: CUDA faults."""
+
+
 def is_fatal(exc: BaseException) -> bool:
-    """Errors after which the device (and so the engine) cannot be trusted: CUDA faults."""
-    fatal = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
-    return isinstance(exc, fatal)
+    return isinstance(exc, FATAL_ERRORS)

@@ -16,6 +16,7 @@ from hyla.runtime.paged_context import PagedContext, StepMetadata
 from hyla.runtime.sampler import sample
 from hyla.runtime.sampling_params import SamplingParams
 from hyla.runtime.scheduler import ScheduledChunk
+from hyla.runtime.state_pool import StatePool
 
 
 @dataclass
@@ -61,8 +62,6 @@ class ModelRunner:
         max_num_seqs: int,
         use_cuda_graphs: bool,
     ) -> None:
-        from hyla.runtime.state_pool import StatePool
-
         self.model = model
         self.device = next(model.parameters()).device
         self.block_size = plan.block_size
@@ -146,7 +145,7 @@ class ModelRunner:
         if all(c.num_tokens == 1 for c in chunks) and self.graphs is not None and len(chunks) <= self.graphs.max_batch:
             logits = self.graphs.run(chunks)
             last_rows = list(range(len(chunks)))
-            row_of = [[i] for i in range(len(chunks))]
+            row_of = [[i] if w.logprob_rows else [] for i, w in enumerate(work)]
         else:
             logits, last_rows, row_of = self._eager(work)
         return self._postprocess(work, logits, last_rows, row_of)
@@ -200,7 +199,7 @@ class ModelRunner:
                 drawn = sample(logits[rows], fp[:, 0], ints[0], fp[:, 1], ints[1], ints[2])
             tokens = drawn.tolist()
         results, used = [], 0
-        wanted = [r for w, rows in zip(work, row_of) for r in (rows if w.logprob_rows else [])]
+        wanted = [r for rows in row_of for r in rows]
         scored = logits[self.to_device(wanted)].log_softmax(-1).cpu() if wanted else None
         at = 0
         for w, rows in zip(work, row_of):
