@@ -181,10 +181,13 @@ class CacheManager:
         if self.cache is None:
             return []
         bs, done = self.block_size, seq.num_computed
-        keys = self._keys(seq, done // bs)
-        for j in range(seq.registered_blocks, done // bs):
+        known = min(done, len(seq.token_ids))  # a queued step may compute a token not known here yet
+        keys = self._keys(seq, known // bs)
+        for j in range(seq.registered_blocks, known // bs):
             self.cache.register(seq.block_table[j], keys[j])
-        seq.registered_blocks = done // bs
+        seq.registered_blocks = max(seq.registered_blocks, known // bs)
+        if known < done:
+            return []
         prompt_len = seq.request.num_prompt_tokens
         due = finished or done == prompt_len or (
             done < prompt_len and self.checkpoint_interval and done % self.checkpoint_interval == 0)

@@ -43,6 +43,7 @@ class DecodeGraphs:
     def _forward(self, b: int) -> torch.Tensor:
         r = self.runner
         ids, pos, slots, lens = self.inputs[:, :b]
+        ids = r.resolve_ids(ids)
         meta = r.metadata(ids, pos, slots, lens, None, 1)
         hidden = r.model.model(ids[None], PagedContext(meta, r.kv, r.states))[0]
         return r.model.lm_head(hidden)
@@ -65,12 +66,13 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.memory_bytes = torch.cuda.memory_reserved(self.runner.device) - before
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits `[len(chunks), V]` of one decode step."""
+    def run(self, chunks: list[ScheduledChunk], tokens: list[int]) -> torch.Tensor:
+        """Logits `[len(chunks), V]` of one decode step of `tokens` (placeholders allowed, see
+        `ModelRunner.resolve_ids`)."""
         n = len(chunks)
         b = self.buckets[bisect.bisect_left(self.buckets, n)]
         pad = b - n
-        host = ([c.seq.token_ids[c.start] for c in chunks] + [0] * pad + [c.start for c in chunks] + [0] * pad
+        host = (tokens + [0] * pad + [c.start for c in chunks] + [0] * pad
                 + [c.seq.slot for c in chunks] + [self.runner.pad_slot] * pad + [c.end for c in chunks] + [1] * pad)
         self.inputs[:, :b] = self.runner.to_device(host).view(4, b)
         self.graphs[b].replay()

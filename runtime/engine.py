@@ -24,13 +24,13 @@ from hyla.runtime.errors import DuplicateRequestId, EngineDead, InvalidRequest
 from hyla.runtime.info import cache_sizes
 from hyla.runtime.loading import as_hybrid, load_hybrid, load_tokenizer, parse_dtype
 from hyla.runtime.model import HybridForCausalLM
-from hyla.runtime.model_runner import ChunkResult, ChunkWork, ModelRunner
+from hyla.runtime.model_runner import ChunkResult, ChunkWork, LaunchedStep, ModelRunner
 from hyla.runtime.output_processor import OutputProcessor, new_detokenizer
 from hyla.runtime.outputs import RequestOutput
 from hyla.runtime.prefix_cache import PrefixCache, model_salt
 from hyla.runtime.request import Request, Sequence
 from hyla.runtime.sampling_params import SamplingParams
-from hyla.runtime.scheduler import ScheduledChunk, Scheduler
+from hyla.runtime.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -106,6 +106,8 @@ class LLMEngine:
                                      f"({len(graphs.buckets)} sizes, {fmt_bytes(graphs.memory_bytes)})")
         logger.info("%s", self.capacity_report)
         self.outputs = OutputProcessor(self._eos_ids(), self.max_model_len)
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else device.type == "cuda"
+        self._inflight: LaunchedStep | None = None
         self.requests: dict[str, Request] = {}
         self._order = itertools.count()
         self._ids = itertools.count()
@@ -210,20 +212,62 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run, postprocess; outputs for the requests that advanced (finished ones once).
 
-        A failure while running fails only the requests of this step (their cache freed, their
-        output carries `error`); one that leaves the device unusable raises `EngineDead`.
+        With async scheduling (on CUDA by default) a decode step is scheduled and queued before the
+        previous one's tokens reach the host, and the previous one is postprocessed while it runs:
+        outputs then trail the device by one step. A failure while running fails only the requests
+        of that step (their cache freed, their output carries `error`); one that leaves the device
+        unusable raises `EngineDead`.
         """
+        outputs = []
+        if self._inflight is not None and not self._can_overlap(self._inflight):
+            outputs += self._finish(self._inflight)
+            self._inflight = None
         plan = self.scheduler.schedule()
-        if not plan.chunks:
-            return []
+        launched = self._launch(plan, outputs) if plan.chunks else None
+        if self._inflight is not None:
+            outputs += self._finish(self._inflight)
+            self._inflight = None
+        if launched is not None:
+            self._inflight = launched
+        if self._inflight is not None and not (self.async_scheduling and self.requests):
+            outputs += self._finish(self._inflight)  # nobody waits for a next step: settle this one
+            self._inflight = None
+        return outputs
+
+    def _launch(self, plan: SchedulerOutput, outputs: list[RequestOutput]) -> LaunchedStep | None:
+        """Queue a scheduled step on the device and account for what it computes and draws (the drawn
+        tokens are pending until `_finish`); a failure's outputs go to `outputs`."""
         work = [self._work(c) for c in plan.chunks]
         try:
-            results = self.runner.execute(work, plan.block_copies, plan.state_copies)
+            launched = self.runner.execute(work, plan.block_copies, plan.state_copies)
         except Exception as exc:
-            return self._fail({c.seq.request.request_id: c.seq.request for c in plan.chunks}.values(), exc)
+            outputs += self._fail({c.seq.request.request_id: c.seq.request for c in plan.chunks}.values(), exc)
+            return None
+        for w in work:
+            seq, params = w.chunk.seq, w.chunk.seq.request.params
+            seq.num_computed += w.chunk.num_tokens
+            if w.draws:
+                seq.pending += 1
+                seq.final_pending = (len(seq.output_ids) + seq.pending >= params.max_tokens
+                                     or seq.num_tokens >= self.max_model_len)
+        return launched
+
+    def _can_overlap(self, launched: LaunchedStep) -> bool:
+        """Whether the next step may be scheduled before `launched` is postprocessed: only after a pure
+        decode step (prefill steps hand out prompt log-probabilities, forks and prefix snapshots,
+        which need the step's results first)."""
+        return all(w.chunk.start >= w.chunk.seq.request.num_prompt_tokens for w in launched.work)
+
+    def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and apply them."""
+        try:
+            results = launched.results()
+        except Exception as exc:
+            requests = {w.chunk.seq.request.request_id: w.chunk.seq.request for w in launched.work}
+            return self._fail([r for r in requests.values() if not r.finished], exc)
         advanced: dict[str, Request] = {}
         failed: list[tuple[Request, Exception]] = []
-        for w, result in zip(work, results):
+        for w, result in zip(launched.work, results):
             request = w.chunk.seq.request
             try:
                 if self._postprocess(w, result):
@@ -257,13 +301,20 @@ class LLMEngine:
         """Apply one chunk's results; True if its request advanced."""
         chunk, seq = work.chunk, work.chunk.seq
         request, params = seq.request, seq.request.params
-        seq.num_computed += chunk.num_tokens
-        self._keep(seq)
+        if work.draws:
+            seq.pending -= 1
+        if seq.finished:  # aborted, or it finished while this step was already queued
+            if seq.slot is not None and not seq.pending:
+                self._keep(seq, finished=True)
+                self.scheduler.remove(seq)
+            return False
+        if seq.slot is not None:
+            self._keep(seq)
         if result.prompt_logprobs is not None:
             self.outputs.prompt_logprobs(request, chunk.start, work.prompt_rows, result.prompt_logprobs)
         if not chunk.completes:
             return False
-        if seq.num_computed == request.num_prompt_tokens and seq.index == 0 and not request.forked:
+        if chunk.end == request.num_prompt_tokens and seq.index == 0 and not request.forked:
             self._prompt_tokens += request.num_prompt_tokens
         if params.max_tokens == 0:
             self.outputs.finish(seq, "length")
@@ -272,11 +323,21 @@ class LLMEngine:
         family = [seq] + (self._fork(seq) if request.needs_fork else [])
         for member, token in zip(family, result.tokens):
             if self.outputs.append(member, token, result.last_logprobs):
-                self._keep(member, finished=True)
-                self.scheduler.remove(member)
+                self._retire(member)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         return True
+
+    def _retire(self, seq: Sequence) -> None:
+        """A sequence that just finished: offer it to the prefix cache and free its cache, or, when a
+        queued step still runs it, leave that to the step's postprocessing."""
+        if seq.pending:
+            if seq in self.scheduler.running:
+                self.scheduler.park(seq)
+            return
+        if seq.slot is not None:
+            self._keep(seq, finished=True)
+        self.scheduler.remove(seq)
 
     def _keep(self, seq: Sequence, finished: bool = False) -> None:
         """Offer what `seq` computed to the prefix cache, copying states into snapshots now."""

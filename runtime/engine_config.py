@@ -31,6 +31,9 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     """No CUDA graphs: every step runs eagerly (graphs are only used on CUDA anyway)."""
+    async_scheduling: bool | None = None
+    """Schedule and queue each decode step before the previous one's tokens reach the host (None:
+    on CUDA only, where it hides the host's work behind the device's)."""
     enable_prefix_caching: bool = True
     prefix_checkpoint_interval: int | None = None
 

@@ -45,6 +45,36 @@ class ChunkResult:
     """`[V]` log-probabilities of the last row when `score_last`."""
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose kernels are queued: its drawn tokens and log-probabilities are on their way to
+    pinned host memory; `results()` waits for them (and only for them)."""
+
+    work: list[ChunkWork]
+    tokens: torch.Tensor | None
+    """`[D]` drawn tokens, in draw order, on the host (once `done` has fired)."""
+    scored: torch.Tensor | None
+    """`[R, V]` log-probabilities of every chunk's log-prob rows, concatenated."""
+    row_counts: list[int]
+    done: torch.cuda.Event | None
+
+    def results(self) -> list[ChunkResult]:
+        if self.done is not None:
+            self.done.synchronize()
+        tokens = self.tokens.tolist() if self.tokens is not None else []
+        out, used, at = [], 0, 0
+        for w, count in zip(self.work, self.row_counts):
+            prompt = last = None
+            if count:
+                mine = self.scored[at : at + count]
+                at += count
+                prompt = mine[: len(w.prompt_rows)] if w.prompt_rows else None
+                last = mine[-1] if w.score_last else None
+            out.append(ChunkResult(tokens[used : used + len(w.draws)], prompt, last))
+            used += len(w.draws)
+        return out
+
+
 class ModelRunner:
     """Runs `HybridForCausalLM`'s own layers under a `PagedContext`; the LM head only on needed rows.
 
@@ -75,6 +105,8 @@ class ModelRunner:
             (rows + 1, self.max_blocks), self.pad_block, dtype=torch.int32, device=self.device
         )
         self._pin = self.device.type == "cuda"
+        self.drawn = torch.zeros(plan.num_slots, dtype=torch.long, device=self.device)
+        """The last step's drawn tokens: inputs the host does not know yet are read from here."""
         self.graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self, max_num_seqs)
@@ -100,6 +132,10 @@ class ModelRunner:
         if rows:
             r, col, b = self.to_device(rows + cols + blocks).split(len(rows))
             self.block_pool[r, col] = b.to(torch.int32)
+
+    def resolve_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids with each placeholder `-1 - row` replaced by the token drawn into `row` (graph-safe)."""
+        return torch.where(ids < 0, self.drawn[(-1 - ids).clamp_min(0)], ids)
 
     def metadata(
         self, input_ids: torch.Tensor, positions: torch.Tensor, state_idx: torch.Tensor,
@@ -131,9 +167,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, work: list[ChunkWork], block_copies: list[tuple[int, int]], state_copies: list[tuple[int, int]]
-    ) -> list[ChunkResult]:
+    ) -> LaunchedStep:
         """Copy blocks and states (in order) as scheduled, run every chunk's new tokens, then draw and
-        score what `work` asks for."""
+        score what `work` asks for; all of it queued on the device, nothing waited for."""
         chunks = [w.chunk for w in work]
         self.kv.copy_blocks(block_copies)
         for src, dst in state_copies:
@@ -143,25 +179,27 @@ class ModelRunner:
         if fresh:
             self.states.zero(self.to_device(fresh))
         if all(c.num_tokens == 1 for c in chunks) and self.graphs is not None and len(chunks) <= self.graphs.max_batch:
-            logits = self.graphs.run(chunks)
+            logits = self.graphs.run(chunks, [input_tokens(c)[0] for c in chunks])
             last_rows = list(range(len(chunks)))
             row_of = [[i] if w.logprob_rows else [] for i, w in enumerate(work)]
         else:
             logits, last_rows, row_of = self._eager(work)
-        return self._postprocess(work, logits, last_rows, row_of)
+        return self._draw(work, logits, last_rows, row_of)
 
     def _eager(self, work: list[ChunkWork]) -> tuple[torch.Tensor, list[int], list[list[int]]]:
         """Eager forward; logits of each chunk's last row and its log-prob rows only."""
         chunks = [w.chunk for w in work]
         tokens, positions, offsets = [], [], [0]
         for c in chunks:
-            tokens += c.seq.token_ids[c.start : c.end]
+            tokens += input_tokens(c)
             positions += range(c.start, c.end)
             offsets.append(offsets[-1] + c.num_tokens)
         n, t = len(chunks), len(tokens)
         host = (tokens + positions + [c.seq.slot for c in chunks] + [c.end for c in chunks]
                 + [c.num_tokens for c in chunks])
         ids, pos, slots, lens, qlens = self.to_device(host).split([t, t, n, n, n])
+        if any(c.end > len(c.seq.token_ids) for c in chunks):
+            ids = self.resolve_ids(ids)
         meta = self.metadata(
             ids, pos, slots, lens, qlens, max(c.num_tokens for c in chunks), max(c.end for c in chunks)
         )
@@ -174,22 +212,25 @@ class ModelRunner:
             rows += [start + r for r in w.logprob_rows]
         return self.model.lm_head(hidden[self.to_device(rows)]), last_rows, row_of
 
-    def _postprocess(
+    def _draw(
         self, work: list[ChunkWork], logits: torch.Tensor, last_rows: list[int], row_of: list[list[int]]
-    ) -> list[ChunkResult]:
+    ) -> LaunchedStep:
+        """Draw the next tokens into `drawn` (each drawing sequence's `input_row` points at its own)
+        and queue the copies of tokens and log-probabilities to the host."""
         logits = logits.float()
         draw_rows, params, seeds, positions = [], [], [], []
         for w, last in zip(work, last_rows):
+            if w.draws:
+                w.chunk.seq.input_row = len(draw_rows)
             for p, seed in w.draws:
                 draw_rows.append(last)
                 params.append(p)
                 seeds.append(seed)
                 positions.append(w.chunk.seq.num_tokens)
-        tokens: list[int] = []
+        tokens = None
         if draw_rows:
             rows = self.to_device(draw_rows)
-            greedy = all(p.greedy for p in params)
-            if greedy:
+            if all(p.greedy for p in params):
                 drawn = logits[rows].argmax(-1)
             else:
                 fp = torch.tensor([[0.0 if p.greedy else p.temperature, p.top_p] for p in params])
@@ -197,21 +238,31 @@ class ModelRunner:
                 ints = self.to_device([min(p.top_k, vocab) for p in params] + seeds + positions).split(len(params))
                 fp = fp.to(self.device, non_blocking=True)
                 drawn = sample(logits[rows], fp[:, 0], ints[0], fp[:, 1], ints[1], ints[2])
-            tokens = drawn.tolist()
-        results, used = [], 0
+            self.drawn[: len(draw_rows)] = drawn
+            tokens = self._to_host(drawn)
         wanted = [r for rows in row_of for r in rows]
-        scored = logits[self.to_device(wanted)].log_softmax(-1).cpu() if wanted else None
-        at = 0
-        for w, rows in zip(work, row_of):
-            prompt = last = None
-            if w.logprob_rows:
-                mine = scored[at : at + len(rows)]
-                at += len(rows)
-                prompt = mine[: len(w.prompt_rows)] if w.prompt_rows else None
-                last = mine[-1] if w.score_last else None
-            results.append(ChunkResult(tokens[used : used + len(w.draws)], prompt, last))
-            used += len(w.draws)
-        return results
+        scored = self._to_host(logits[self.to_device(wanted)].log_softmax(-1)) if wanted else None
+        done = None
+        if self._pin:
+            done = torch.cuda.Event()
+            done.record()
+        return LaunchedStep(work, tokens, scored, [len(r) for r in row_of], done)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host copy of `tensor`, asynchronous (pinned) from CUDA."""
+        if not self._pin:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
 
     def copy_state(self, src: int, dst: int) -> None:
         self.states.copy(src, dst)
+
+
+def input_tokens(chunk: ScheduledChunk) -> list[int]:
+    """A chunk's token ids; a token the host does not know yet (only ever the newest) is named by the
+    placeholder `-1 - row` of the draw-buffer row that holds it."""
+    ids = chunk.seq.token_ids[chunk.start : chunk.end]
+    if len(ids) < chunk.num_tokens:
+        ids.append(-1 - chunk.seq.input_row)
+    return ids

@@ -43,7 +43,7 @@ class OutputProcessor:
             stop = seq.detokenizer.add(token)
             if stop is not None:
                 return self.finish(seq, "stop", stop)
-        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self.finish(seq, "length")
         return False
 

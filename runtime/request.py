@@ -41,14 +41,20 @@ class Sequence:
     stop_reason: str | int | None = None
     sent_tokens: int = 0
     sent_text: int = 0
+    pending: int = 0
+    """Tokens drawn on the device whose values the host does not know yet (they follow `token_ids`)."""
+    input_row: int = 0
+    """Row of the runner's draw buffer that holds the newest pending token."""
+    final_pending: bool = False
+    """The newest pending token is the last the length limits allow: nothing more is scheduled."""
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.pending
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def output_ids(self) -> list[int]:

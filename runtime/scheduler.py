@@ -24,15 +24,16 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    completes: bool = field(init=False)
+    """After this chunk every token the sequence had when scheduled is computed: its last position
+    predicts the next token."""
+
+    def __post_init__(self) -> None:
+        self.completes = self.end == self.seq.num_tokens
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def completes(self) -> bool:
-        """After this chunk every known token is computed: its last position predicts the next token."""
-        return self.end == self.seq.num_tokens
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget:
             seq = self.running[i]
+            if seq.final_pending:  # its last token is still on the device: nothing left to run
+                i += 1
+                continue
             n = self.cache.chunk_size(seq, seq.num_computed, min(seq.num_uncomputed, budget))
             while not self.cache.can_grow(seq, seq.num_computed + n):
                 victim = self.running[-1]
@@ -117,6 +121,10 @@ class Scheduler:
         at = next((j for j, w in enumerate(self.waiting) if w.order > seq.order), len(self.waiting))
         self.waiting.insert(at, seq)
         self.num_preemptions += 1
+
+    def park(self, seq: Sequence) -> None:
+        """Stop scheduling `seq` but keep its cache until `remove` (a step still in flight uses it)."""
+        self.running.remove(seq)
 
     def remove(self, seq: Sequence) -> None:
         """A finished, aborted or failed sequence: free its cache and forget it."""
