@@ -50,11 +50,16 @@ def profile_point(config, batch: int, context: int, steps: int, eager: bool) -> 
     launches = [e for e in events if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                  "cuLaunchKernelEx", "cudaGraphLaunch")]
     gpu = sum(e.device_time for e in kernels) / 1e3 / steps
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     del engine, model
     torch.cuda.empty_cache()
     return {"batch": batch, "context": context, "graphs": not eager, "step_ms": wall * 1e3, "gpu_ms": gpu,
             "busy": gpu / (wall * 1e3), "kernels_per_step": len(kernels) / steps,
-            "launches_per_step": len(launches) / steps}
+            "launches_per_step": len(launches) / steps,
+            "top_kernels_ms": {name[:90]: round(ms, 4) for name, ms in top}}
 
 
 def main() -> None:
@@ -76,6 +81,8 @@ def main() -> None:
                       f"step {row['step_ms']:.2f} ms, GPU {row['gpu_ms']:.2f} ms, busy {row['busy']:.0%}, "
                       f"{row['kernels_per_step']:.0f} kernels, {row['launches_per_step']:.0f} launches per step",
                       flush=True)
+                for kernel, ms in row["top_kernels_ms"].items():
+                    print(f"    {ms:7.3f} ms  {kernel}")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
 
