@@ -184,7 +184,8 @@ def print_tables(result: dict[str, Any]) -> None:
         if "error" in e:
             typer.echo(line + e["error"])
             continue
-        line += (f"{e['decode_step_ms']:>8.2f} {r['floor']['ms']:>7.3f} {e['floor_ratio']:>6.1f} "
+        mark = "~" if e.get("decode_timing") == "per-request" else " "
+        line += (f"{e['decode_step_ms']:>7.2f}{mark} {r['floor']['ms']:>7.3f} {e['floor_ratio']:>6.1f} "
                  f"{e['output_tok_s']:>8.1f} {e['ttft_ms']:>9.1f} {e['prefill_tok_s']:>9.0f} "
                  f"{e['prefill_mfu']:>6.1%}")
         for peer, key in (("hf", "vs_hf"), ("vllm", "vs_vllm")):
@@ -196,7 +197,8 @@ def print_tables(result: dict[str, Any]) -> None:
                 line += f" {'-' if not p else 'error':>8} {'':>8} {'':>7}"
         typer.echo(line)
     if any(r["engine"].get("decode_timing") == "per-request" for r in result["points"]):
-        typer.echo("(per-request decode timing where no step had the whole batch decoding)")
+        typer.echo("~ no step had the whole batch decoding, so the decode time is per request and includes "
+                   "the later prompts' prefill: raise --max-tokens or --max-num-batched-tokens")
     budget = result["capacity_memory_bytes"]
     typer.echo(f"\ncapacity: max concurrent sequences in {fmt_bytes(budget)} ({result['dtype']} KV, fp32 state, "
                "16-token blocks)")

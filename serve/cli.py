@@ -80,6 +80,10 @@ def serve(
     enforce_eager: bool = typer.Option(
         False, "--enforce-eager", help="No CUDA graphs for decode steps (they are captured at start-up on CUDA)."
     ),
+    async_scheduling: bool | None = typer.Option(
+        None, "--async-scheduling/--no-async-scheduling",
+        help="Queue each decode step before the previous one's tokens reach the host (default: on CUDA only).",
+    ),
     enable_prefix_caching: bool = typer.Option(
         True, "--enable-prefix-caching/--no-enable-prefix-caching",
         help="Keep computed KV blocks and linear-state snapshots for requests that share a prefix.",
@@ -120,7 +124,7 @@ def serve(
         config = EngineConfig(
             model=model, device=device, dtype=dtype, state_dtype=state_dtype, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
-            enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager, async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching,
             prefix_checkpoint_interval=prefix_checkpoint_interval,
         )
         engine = LLMEngine.from_config(config)
