@@ -9,8 +9,9 @@ holds, snapshot points) is evicted, least recently used first, whenever a sequen
 
 Prefix caching: full computed blocks are indexed by the hash chain of their tokens. A point is taken
 where the state there is known: every `checkpoint_interval` prompt tokens and at the end of the
-prompt (linear states copied to a snapshot row; the chunked prefill ends there), and when a sequence
-finishes (prompt + answer, for the next turn of a chat). A model without linear layers needs points
+prompt (linear states copied to a snapshot row; the chunked prefill ends there), where a prompt stops
+agreeing with tokens cached before (so the third request sharing a system prompt of any length resumes
+from its very end), and when a sequence finishes (prompt + answer, for the next turn of a chat). A model without linear layers needs points
 only where a position ends mid-block (they keep that partial block). A hit is the longest prefix
 whose blocks and, for linear layers, state exist at the same position, capped so that at least one
 token is computed: an exact repeat of a prompt resumes from the last checkpoint before its end.
@@ -90,7 +91,8 @@ class CacheManager:
     # ---- lookup and admission -------------------------------------------------------------------
 
     def lookup(self, seq: Sequence) -> Hit:
-        """The longest cached prefix `seq` can start from (nothing is taken yet)."""
+        """The longest cached prefix `seq` can start from (nothing is taken yet); sets where past it
+        `seq` should keep a point: where its prompt stops agreeing with cached tokens."""
         request = seq.request
         limit = seq.num_tokens - 1
         if request.prompt_logprobs is not None:  # positions whose log-probabilities are still missing
@@ -112,7 +114,24 @@ class CacheManager:
                 if (best.position < position <= limit and (point.row is not None or not self.has_state)
                         and tuple(seq.token_ids[k * bs : position]) == point.tail):
                     best = Hit(position, matched[:k] + ([point.block] if point.tail else []), point)
+        shared = self._shared_length(seq, keys, len(matched), limit)
+        seq.keep_at = shared if shared > max(best.position, self.block_size) else 0
         return best
+
+    def _shared_length(self, seq: Sequence, keys: list[bytes], full: int, limit: int) -> int:
+        """`full` matched blocks, then the longest run of the next block's tokens that some cached
+        continuation of them starts with (at most `limit`)."""
+        bs = self.block_size
+        mine = seq.token_ids[full * bs : (full + 1) * bs]
+        common = 0
+        for tokens in self.cache.continuations(keys[full - 1] if full else self.cache.salt):
+            n = 0
+            for a, b in zip(tokens, mine):
+                if a != b:
+                    break
+                n += 1
+            common = max(common, n)
+        return min(full * bs + common, limit)
 
     def can_admit(self, seq: Sequence, num_tokens: int, hit: Hit | None = None) -> bool:
         """Whether `seq` can take its slots (the whole family before a fork) and blocks to compute
@@ -157,6 +176,8 @@ class CacheManager:
         end = prompt_len
         if self.has_state and self.checkpoint_interval:
             end = min(end, (start // self.checkpoint_interval + 1) * self.checkpoint_interval)
+        if seq.keep_at > start:
+            end = min(end, seq.keep_at)
         return min(num_tokens, end - start)
 
     def can_grow(self, seq: Sequence, new_total: int) -> bool:
@@ -184,12 +205,13 @@ class CacheManager:
         known = min(done, len(seq.token_ids))  # a queued step may compute a token not known here yet
         keys = self._keys(seq, known // bs)
         for j in range(seq.registered_blocks, known // bs):
-            self.cache.register(seq.block_table[j], keys[j])
+            parent = keys[j - 1] if j else self.cache.salt
+            self.cache.register(seq.block_table[j], keys[j], parent, tuple(seq.token_ids[j * bs : (j + 1) * bs]))
         seq.registered_blocks = max(seq.registered_blocks, known // bs)
         if known < done:
             return []
         prompt_len = seq.request.num_prompt_tokens
-        due = finished or done == prompt_len or (
+        due = finished or done in (prompt_len, seq.keep_at) or (
             done < prompt_len and self.checkpoint_interval and done % self.checkpoint_interval == 0)
         if not due or not (self.has_state or done % bs):
             return []

@@ -50,6 +50,9 @@ class PrefixCache:
         self.salt = salt
         self._block_of: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
+        self._tokens_of: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
+        """key → (parent key, tokens) of every indexed block."""
+        self._children: dict[bytes, set[bytes]] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()
         self._points: dict[bytes, dict[tuple[int, ...], Point]] = {}
         self._point_lru: OrderedDict[Point, None] = OrderedDict()
@@ -67,11 +70,19 @@ class PrefixCache:
     def is_idle(self, block: int) -> bool:
         return block in self._idle
 
-    def register(self, block: int, key: bytes) -> None:
-        """Index a full, computed block under `key` (a duplicate of cached content stays unindexed)."""
+    def register(self, block: int, key: bytes, parent: bytes, tokens: tuple[int, ...]) -> None:
+        """Index a full, computed block of `tokens` under `key`, the chain key after `parent` (a duplicate
+        of cached content stays unindexed)."""
         if key not in self._block_of and block not in self._key_of:
             self._block_of[key] = block
             self._key_of[block] = key
+            self._tokens_of[key] = (parent, tokens)
+            self._children.setdefault(parent, set()).add(key)
+
+    def continuations(self, parent: bytes) -> list[tuple[int, ...]]:
+        """Tokens cached right after the prefix `parent`: those of its indexed child blocks and the tails
+        of its points."""
+        return [self._tokens_of[k][1] for k in self._children.get(parent, ())] + list(self._points.get(parent, {}))
 
     def match(self, keys: list[bytes]) -> list[int]:
         """Cached blocks of the longest run of leading `keys`."""
@@ -94,7 +105,13 @@ class PrefixCache:
     def evict_block(self) -> int:
         """Forget the least recently used parked block and return it for reuse."""
         block, _ = self._idle.popitem(last=False)
-        del self._block_of[self._key_of.pop(block)]
+        key = self._key_of.pop(block)
+        del self._block_of[key]
+        parent, _ = self._tokens_of.pop(key)
+        siblings = self._children[parent]
+        siblings.discard(key)
+        if not siblings:
+            del self._children[parent]
         return block
 
     # ---- points ---------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ class Sequence:
     """Leading entries of `block_table` already written to the runner's device block table."""
     block_keys: list[bytes] = field(default_factory=list)
     """Prefix-cache keys of the leading full blocks of `token_ids` (extended as they are needed)."""
+    keep_at: int = 0
+    """A position past the prefix-cache hit (and past the first block) where this prompt stops
+    agreeing with cached tokens: a point is kept there (0: none)."""
     registered_blocks: int = 0
     """Leading blocks of `block_table` already offered to the prefix cache."""
     seed: int = 0
