@@ -64,13 +64,16 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    turn: int = 0
+    """Which turn of its conversation this request was (0: the first, the one with the shared prefix)."""
     text: str = ""
     error: str | None = None
 
 
-def synthetic_prompts(workload: Workload, count: int) -> list[list[tuple[str, int]]]:
-    """Per request, its turns' (message, max_tokens): essay text of ~prompt_len words (the first one
-    after the shared prefix, if any) and output lengths, both ±len_spread."""
+def synthetic_prompts(workload: Workload, count: int) -> tuple[str, list[list[tuple[str, int]]]]:
+    """The shared prefix ("" without one) and, per request, its turns' (message, max_tokens): essay
+    text of ~prompt_len words (the first one after the shared prefix) and output lengths, both
+    ±len_spread."""
     from hyla.evals.recall import haystack_sentences
 
     rng = random.Random(workload.seed)
@@ -94,7 +97,7 @@ def synthetic_prompts(workload: Workload, count: int) -> list[list[tuple[str, in
                 message = text(jitter(workload.prompt_len))
             turns.append(((prefix if turn == 0 else "\n\n") + message, jitter(workload.output_len)))
         out.append(turns)
-    return out
+    return prefix, out
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -136,6 +139,14 @@ class OpenAITarget:
             if not models:
                 raise LoadTestError(f"{self.base} serves no models")
             self.model = models[0]
+
+    async def count_tokens(self, text: str) -> int | None:
+        """Tokens of `text` from the server's `/tokenize` (hyla and vLLM have it), None without one."""
+        try:
+            reply = await self.client.post("/tokenize", json={"model": self.model, "prompt": text}, timeout=30.0)
+            return int(reply.json()["count"]) if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
 
     async def send(self, prompt: str, max_tokens: int) -> RequestResult:
         body = {
@@ -211,6 +222,12 @@ class GrpcTarget:
         except grpc.RpcError as exc:
             raise LoadTestError(f"{self.target} is not a hyla gRPC server: {exc.code().name}: {exc.details()}") from exc
 
+    async def count_tokens(self, text: str) -> int | None:
+        from hyla.serve.proto import hyla_pb2 as pb
+
+        reply = await self.stub.Tokenize(pb.TokenizeRequest(text=text), metadata=self.metadata, timeout=30.0)
+        return len(reply.token_ids)
+
     async def send(self, prompt: str, max_tokens: int) -> RequestResult:
         import grpc
 
@@ -252,7 +269,8 @@ async def run_workload(target, workload: Workload, progress: Callable[[int], Non
     """Warm up, then drive the target; returns the summary (see `summarize`)."""
     await target.check()
     count = workload.num_requests or 1_000_000
-    requests = synthetic_prompts(workload, workload.warmup + min(count, 100_000))
+    prefix, requests = synthetic_prompts(workload, workload.warmup + min(count, 100_000))
+    prefix_tokens = await target.count_tokens(prefix.rstrip()) if prefix else None
     for turns in requests[: workload.warmup]:
         await converse(target, turns)
     queue = iter(requests[workload.warmup :])
@@ -283,16 +301,17 @@ async def run_workload(target, workload: Workload, progress: Callable[[int], Non
             pending.append(asyncio.ensure_future(one(turns)))
             await asyncio.sleep(rng.expovariate(workload.rate))
         await asyncio.gather(*pending)
-    return summarize(results, time.perf_counter() - began, workload)
+    return summarize(results, time.perf_counter() - began, workload, prefix_tokens)
 
 
 async def converse(target, turns: list[tuple[str, int]]) -> list[RequestResult]:
     """Send the turns of one conversation in order, each with everything said before it."""
     results: list[RequestResult] = []
     history = ""
-    for message, max_tokens in turns:
+    for turn, (message, max_tokens) in enumerate(turns):
         history += message
         result = await target.send(history, max_tokens)
+        result.turn = turn
         results.append(result)
         if not result.ok:
             break
@@ -311,9 +330,13 @@ def _percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float 
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": statistics.fmean(ordered) * scale}
 
 
-def summarize(results: list[RequestResult], elapsed: float, workload: Workload) -> dict:
-    """Throughput, latency percentiles (ms) and error counts of one run."""
+def summarize(
+    results: list[RequestResult], elapsed: float, workload: Workload, prefix_tokens: int | None = None
+) -> dict:
+    """Throughput, latency percentiles (ms), error counts and prefix-cache hit rates of one run: of all
+    prompt tokens, and of the shared prefix's `prefix_tokens` in each conversation's first request."""
     ok = [r for r in results if r.ok]
+    firsts = [r for r in ok if r.turn == 0]
     out_tokens = sum(r.output_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
@@ -328,6 +351,11 @@ def summarize(results: list[RequestResult], elapsed: float, workload: Workload) 
         "total_token_throughput": (out_tokens + prompt_tokens) / elapsed if elapsed else 0.0,
         "output_tokens": out_tokens,
         "prefix_cache_hit_rate": (sum(r.cached_tokens for r in ok) / prompt_tokens) if prompt_tokens else 0.0,
+        "shared_prefix_tokens": prefix_tokens,
+        "shared_prefix_hit_rate": (
+            sum(min(r.cached_tokens, prefix_tokens) for r in firsts) / (prefix_tokens * len(firsts))
+            if prefix_tokens and firsts else None
+        ),
         "ttft_ms": _percentiles([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": _percentiles(tpot),
         "itl_ms": _percentiles([g for r in ok for g in r.itl]),
@@ -338,9 +366,9 @@ def summarize(results: list[RequestResult], elapsed: float, workload: Workload) 
 def format_table(runs: list[dict]) -> str:
     """A markdown table, one row per run."""
     head = (
-        "| load | done | errors | req/s | out tok/s | cached | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms "
-        "| ITL p50/p90/p99 ms |\n"
-        "|---|---:|---:|---:|---:|---:|---|---|---|"
+        "| load | done | errors | req/s | out tok/s | cached | prefix cached | TTFT p50/p90/p99 ms "
+        "| TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|"
     )
     rows = []
     for run in runs:
@@ -351,10 +379,12 @@ def format_table(runs: list[dict]) -> str:
             p = run[key]
             return "/".join("-" if p[q] is None else f"{p[q]:.0f}" for q in ("p50", "p90", "p99"))
 
+        shared = run.get("shared_prefix_hit_rate")
+        prefix = "-" if shared is None else f"{shared:.0%} of {run['shared_prefix_tokens']}"
         rows.append(
             f"| {load} | {run['completed']}/{run['requests']} | {sum(run['errors'].values())} | "
             f"{run['request_throughput']:.2f} | {run['output_token_throughput']:.1f} | "
-            f"{run['prefix_cache_hit_rate']:.0%} | {trio('ttft_ms')} | "
+            f"{run['prefix_cache_hit_rate']:.0%} | {prefix} | {trio('ttft_ms')} | "
             f"{trio('tpot_ms')} | {trio('itl_ms')} |"
         )
     return "\n".join([head, *rows])

@@ -111,7 +111,8 @@ def test_bench_serve_shared_prefix_chats_report_the_hit_rate(server, tmp_path: P
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert run["errors"] == {} and run["completed"] == 8  # 4 conversations of 2 turns
     assert 0.3 < run["prefix_cache_hit_rate"] < 1
-    assert "| cached |" in result.output
+    assert run["shared_prefix_tokens"] > 80 and 0 <= run["shared_prefix_hit_rate"] <= 1
+    assert "| cached | prefix cached |" in result.output
 
 
 def test_bench_serve_wrong_url_fails_fast(tmp_path: Path) -> None:
