@@ -104,7 +104,8 @@ class HylaLM(TemplateLM):
             overflow = max(0, len(whole) - self.max_length)
             prompts.append(whole[overflow:])
             ctxlens.append(len(context) - overflow)
-        params = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0)
+        params = [SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0, prompt_logprobs_from=n)
+                  for n in ctxlens]  # only continuations are scored: a cached context is reused
         outputs = self.engine.generate(prompts, params, use_tqdm=not disable_tqdm)
         results = []
         for (key, _, _), prompt, ctxlen, out in zip(requests, prompts, ctxlens, outputs):

@@ -173,8 +173,8 @@ class LLMEngine:
         seed = self._rng.getrandbits(64) if params.seed is None else params.seed
         request = Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, next(self._order),
                           seed=seed)
-        if params.prompt_logprobs is not None:
-            request.prompt_logprobs = [None]
+        if params.prompt_logprobs is not None:  # entries up to the first position to score
+            request.prompt_logprobs = [None] * min(max(params.prompt_logprobs_from, 1), len(ids))
         request.seqs.append(self._new_sequence(request, 0, list(ids)))
         return request
 

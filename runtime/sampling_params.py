@@ -15,7 +15,8 @@ class SamplingParams:
     temperature 0 (or below `GREEDY_BELOW`) means greedy. top_k 0 (or -1) and top_p 1 disable those
     filters. `seed` is any integer. `logprobs` asks for the top-N log-probabilities of every generated
     token (the sampled token always included); `prompt_logprobs` the same for every prompt token
-    (first one None). `max_tokens` 0 only scores the prompt. Stop strings are not included in the returned text; stop token ids are not either.
+    (first one None), or from prompt index `prompt_logprobs_from` on (earlier ones None, so a cached
+    prefix before it can be reused). `max_tokens` 0 only scores the prompt. Stop strings are not included in the returned text; stop token ids are not either.
     """
 
     max_tokens: int = 16
@@ -29,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    prompt_logprobs_from: int = 0
     skip_special_tokens: bool = True
 
     MAX_N = 16
@@ -53,6 +55,8 @@ class SamplingParams:
              f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
              f"prompt_logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs}"),
+            ("prompt_logprobs_from", self.prompt_logprobs_from >= 0,
+             f"prompt_logprobs_from must be >= 0, got {self.prompt_logprobs_from}"),
         ]
         for param, ok, message in checks:
             if not ok:

@@ -171,6 +171,24 @@ def test_prompt_logprobs_match_with_a_cached_prefix(models) -> None:
     assert on[1].outputs[0].token_ids == off[1].outputs[0].token_ids
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_scoring_only_continuations_reuses_the_cached_context(models, kind) -> None:
+    """As lm-eval's multiple choice does: one context, several endings, log-probabilities wanted only
+    for the endings (`prompt_logprobs_from`): from the third ending on, the context comes from the cache."""
+    context = tokens(45, 18)
+    waves = [[(context + tokens(4 + i, 19 + i),
+               SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=1, prompt_logprobs_from=45))]
+             for i in range(4)]
+    eng, on = run_waves(models[kind], waves, True)
+    _, off = run_waves(models[kind], waves, False)
+    assert_only_cached_left(eng, on)
+    assert [o.num_cached_tokens for o in on[2:]] == [44, 44]  # the row predicting token 45 is computed
+    for a, b in zip(on, off):
+        assert a.prompt_logprobs[:45] == [None] * 45
+        for x, y in zip(a.prompt_logprobs[45:], b.prompt_logprobs[45:]):
+            assert x.keys() == y.keys() and all(abs(x[t][0] - y[t][0]) < 1e-5 for t in x)
+
+
 def test_abort_keeps_computed_blocks_cached(models) -> None:
     eng = engine(models["hybrid"], True, max_num_batched_tokens=16)
     prompt = tokens(50, 18)
