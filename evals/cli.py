@@ -111,6 +111,10 @@ def run(
     batch_size: int = typer.Option(32, help="Sequences the engine runs at once."),
     max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
     cache_memory: str = typer.Option("2GiB", help="KV + state cache budget."),
+    enable_prefix_caching: bool = typer.Option(
+        True, "--enable-prefix-caching/--no-enable-prefix-caching",
+        help="Reuse computed prefixes (a multiple-choice context is computed once for all its endings).",
+    ),
     recall_lengths: str = typer.Option(None, help="Recall context lengths, e.g. 512,1024 (default: 512..model max)."),
     recall_samples: int = typer.Option(20, help="Recall samples per probe and length."),
     output: Path = typer.Option(None, help="Write lm-eval's results JSON here."),
@@ -126,6 +130,7 @@ def run(
         lm = HylaLM(
             pretrained=model, batch_size=batch_size, device=device, dtype=dtype,
             max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
         )
     except (OSError, ValueError) as exc:
         raise fail(f"cannot load {model!r}: {exc}") from exc

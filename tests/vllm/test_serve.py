@@ -76,10 +76,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def family() -> str:
-    """One family is enough here: the offline tests cover the others."""
-    return "llama"
+@pytest.fixture(scope="module", params=["llama", "converted"])
+def family(request: pytest.FixtureRequest) -> str:
+    """One tiny family (the offline tests cover the others) and the converted checkpoint, if any."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
