@@ -1,0 +1,77 @@
+"""Paged softmax attention on the CPU: each sequence's keys/values gathered block by block in the
+cache dtype, then PyTorch's fused CPU attention (fp32 softmax, no fp32 copy of the context).
+
+Decode folds the ``G = Hq / Hkv`` query heads of a KV head into the query length of one
+``[N, Hkv, G, D]`` attention, so every KV head is read once for its whole group and no key is
+repeated. Prefill runs one batched causal attention per distinct (query length, context length)
+of the chunks — a single call for a batch of equal prompts. Layouts are those of
+:mod:`.paged_attention`, whose PyTorch references these functions are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gather_blocks(cache: Tensor, block_tables: Tensor, num_blocks: int, block_size: int) -> Tensor:
+    """``[N, Hkv, num_blocks * block_size, D]`` view of the first ``num_blocks`` blocks of every
+    table row of a ``[num_slots, Hkv, D]`` pool (one copy of whole blocks)."""
+    N = block_tables.shape[0]
+    _, Hkv, D = cache.shape
+    blocks = cache.view(-1, block_size, Hkv, D).index_select(0, block_tables[:, :num_blocks].flatten().long())
+    return blocks.view(N, num_blocks * block_size, Hkv, D).transpose(1, 2)
+
+
+def decode_attention_cpu(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+    scale: float, max_context_len: int, block_size: int,
+) -> Tensor:
+    """One query per sequence: q ``[N, Hq, D]`` -> ``[N, Hq, D]`` in q's dtype; empty contexts give zeros."""
+    N, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    num_blocks = min(max(1, math.ceil(max_context_len / block_size)), block_tables.shape[1])
+    length = num_blocks * block_size
+    k = gather_blocks(k_cache, block_tables, num_blocks, block_size)
+    v = gather_blocks(v_cache, block_tables, num_blocks, block_size)
+    lens = context_lens.tolist()
+    mask = None
+    if min(lens) < length:
+        mask = (torch.arange(length) < context_lens[:, None].long())[:, None, None]
+    o = F.scaled_dot_product_attention(q.view(N, Hkv, Hq // Hkv, D).to(k.dtype), k, v, attn_mask=mask, scale=scale)
+    o = o.reshape(N, Hq, D).to(q.dtype)
+    if min(lens) == 0:
+        o = torch.where((context_lens > 0)[:, None, None], o, 0.0)
+    return o
+
+
+def prefill_attention_cpu(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor,
+    context_lens: Tensor, scale: float, block_size: int,
+) -> Tensor:
+    """Causal attention of packed chunks q ``[T, Hq, D]`` (chunk n's queries are the last ``qlen_n``
+    of its ``context_lens[n]`` positions) -> ``[T, Hq, D]`` in q's dtype."""
+    cu = cu_seqlens_q.tolist()
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for n, ctx in enumerate(context_lens.tolist()):
+        if cu[n + 1] > cu[n]:
+            groups[cu[n + 1] - cu[n], ctx].append(n)
+    out = torch.zeros_like(q)
+    for (qlen, ctx), seqs in groups.items():
+        rows = torch.tensor([cu[n] + i for n in seqs for i in range(qlen)])
+        num_blocks = math.ceil(ctx / block_size)
+        tables = block_tables[seqs]
+        k = gather_blocks(k_cache, tables, num_blocks, block_size)[:, :, :ctx]
+        v = gather_blocks(v_cache, tables, num_blocks, block_size)[:, :, :ctx]
+        qs = q[rows].view(len(seqs), qlen, *q.shape[1:]).transpose(1, 2).to(k.dtype)
+        if qlen == ctx:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = torch.arange(ctx) <= torch.arange(ctx - qlen, ctx)[:, None]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = o.transpose(1, 2).reshape(-1, *q.shape[1:]).to(q.dtype)
+    return out
