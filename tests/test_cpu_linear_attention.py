@@ -1,4 +1,4 @@
-"""CPU linear-attention decode steps on bf16 activations against the fp32 sequence recurrences."""
+"""CPU linear-attention paths on bf16 activations (decode steps, packed short conv) against the fp32 references."""
 
 from __future__ import annotations
 
@@ -53,3 +53,18 @@ def test_short_conv_steps_bf16() -> None:
     y_ref, s_ref = short_conv(x, weight, conv_state=pool[IDX])
     torch.testing.assert_close(torch.stack(ys, 1), y_ref)
     assert torch.equal(state[IDX], s_ref)
+
+
+def test_packed_short_conv_bf16_matches_fp32_per_sequence() -> None:
+    gen = torch.Generator().manual_seed(4)
+    C, W, lens = 24, 4, [1, 2, 37, 9]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    x = rand(gen, 1, sum(lens), C).bfloat16()
+    weight = rand(gen, C, W)
+    state = rand(gen, len(lens), C, W - 1).bfloat16()
+    y, new_state = short_conv(x, weight, conv_state=state, cu_seqlens=cu)
+    assert y.dtype == torch.bfloat16
+    for n in range(len(lens)):
+        y_n, s_n = short_conv(x[:, cu[n] : cu[n + 1]].float(), weight, conv_state=state[n : n + 1].float())
+        torch.testing.assert_close(y[:, cu[n] : cu[n + 1]].float(), y_n, atol=3e-2, rtol=2e-2)
+        assert torch.equal(new_state[n : n + 1].float(), s_n)
