@@ -13,7 +13,7 @@ from torch import nn
 from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
-from hyla.runtime.layers.cpu_linear import PackedLinear, pack_linears, pack_weight, packed_linear
+from hyla.runtime.layers.cpu_linear import PackedLinear, pack_linears, pack_weight, packed_linear, project, project_stacked
 from hyla.runtime.loading import as_hybrid
 from hyla.runtime.sampling_params import SamplingParams
 from tests.tiny_models import tiny_teacher
@@ -96,3 +96,26 @@ def test_engine_bf16_same_with_and_without_packing(monkeypatch: pytest.MonkeyPat
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outs]
 
     assert run(True) == run(False)
+
+
+def test_project_stacks_packed_linears_exactly() -> None:
+    torch.manual_seed(5)
+    layers = [nn.Linear(48, 32, bias=True), nn.Linear(48, 16, bias=False), nn.Linear(48, 8, bias=True)]
+    plain = [copy.deepcopy(m).bfloat16() for m in layers]
+    packed = [copy.deepcopy(m).bfloat16() for m in layers]
+    for m in packed:
+        pack_linears(m)
+    for rows in (1, 8, 333):
+        x = torch.randn(1, rows, 48).bfloat16()
+        with torch.no_grad():
+            want = [m(x) for m in plain]
+            got = project(x, *packed)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert torch.equal(project_stacked(x, *packed), torch.cat(want, -1))
+    with torch.no_grad():
+        packed[1].weight.add_(1)  # the stacked copy follows the change
+        plain[1].weight.add_(1)
+        assert torch.equal(project_stacked(x, *packed), torch.cat([m(x) for m in plain], -1))
+    got = project(x, *packed)  # autograd on: one plain call per layer
+    got[0].float().sum().backward()
+    assert packed[0].weight.grad is not None

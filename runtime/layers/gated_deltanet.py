@@ -10,6 +10,7 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
+from hyla.runtime.layers.cpu_linear import project
 from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.linear_mixer import LinearMixer
 from hyla.runtime.ops import gated_delta_rule
@@ -57,7 +58,7 @@ class GatedDeltaNet(LinearMixer):
         slots = ctx.decode_slots(self.layer_idx)
         q, k, v, conv_state = self.project_qkv(x, ctx, slots)
         q, k = l2_normalize(q), l2_normalize(k)
-        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
+        g, beta = gdn_gates(*project(x, self.a_proj, self.b_proj), self.A_log, self.dt_bias)
         if slots is not None:
             o = gdn_decode_(q[0], k[0], v[0], g[0], beta[0], slots.recurrent, slots.index, self.head_dim**-0.5)
             return self.project_out(o[None], x)

@@ -9,6 +9,7 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext, LinearSlots
+from hyla.runtime.layers.cpu_linear import project_stacked
 from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.norm import RMSNorm, rms_norm
 from hyla.runtime.ops import short_conv
@@ -50,7 +51,7 @@ class LinearMixer(nn.Module):
         """q, k, v `[B, T, H, D]` after conv + SiLU, and the new conv state (None when `slots` took it
         in place)."""
         b, t, _ = x.shape
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = project_stacked(x, self.q_proj, self.k_proj, self.v_proj)
         if ctx.token_mask is not None:
             qkv = torch.where(ctx.token_mask[..., None], qkv, torch.zeros((), dtype=qkv.dtype, device=qkv.device))
         conv_state = None
