@@ -23,6 +23,8 @@ def test_gather_blocks_matches_token_gather() -> None:
     assert got.shape == (3, 2, tables.shape[1] * 16, D)
     for n, k in enumerate(ks):
         assert torch.equal(got[n, :, : len(k)], k.transpose(0, 1))
+    buffer = torch.full((got.numel() + 7,), float("nan"), dtype=torch.bfloat16)
+    assert torch.equal(gather_blocks(k_cache, tables, tables.shape[1], 16, buffer), got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

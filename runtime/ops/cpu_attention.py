@@ -26,21 +26,20 @@ def gather_blocks(
     cache: Tensor, block_tables: Tensor, num_blocks: int, block_size: int, out: Tensor | None = None
 ) -> Tensor:
     """``[N, Hkv, num_blocks * block_size, D]`` view of the first ``num_blocks`` blocks of every
-    table row of a ``[num_slots, Hkv, D]`` pool (one copy of whole blocks, into ``out`` when given)."""
+    table row of a ``[num_slots, Hkv, D]`` pool: one copy of whole blocks, into the front of the
+    flat buffer ``out`` when given."""
     N = block_tables.shape[0]
     _, Hkv, D = cache.shape
-    rows = cache.view(-1, block_size * Hkv * D)  # a 2-D gather is several times faster than a 4-D one
+    width = block_size * Hkv * D  # a 2-D gather of whole blocks is several times faster than a 4-D one
     index = block_tables[:, :num_blocks].flatten().long()
-    if out is None:
-        blocks = rows.index_select(0, index)
-    else:
-        blocks = torch.index_select(rows, 0, index, out=out.view(-1)[: index.numel() * rows.shape[1]].view(-1, rows.shape[1]))
+    dest = None if out is None else out[: index.numel() * width].view(-1, width)
+    blocks = torch.index_select(cache.view(-1, width), 0, index, out=dest)
     return blocks.view(N, num_blocks * block_size, Hkv, D).transpose(1, 2)
 
 
 def _scratch_buffers(numel: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Two reusable buffers of at least ``numel`` elements for this thread's decode gathers: a fresh
-    multi-megabyte tensor every layer would cost its page faults each time."""
+    """Two flat buffers of at least ``numel`` elements, kept by this thread for its decode gathers
+    (a fresh multi-megabyte tensor every layer would pay its page faults each time)."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None or bufs[0].dtype != dtype or bufs[0].numel() < numel:
         bufs = _scratch.bufs = (torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype))
