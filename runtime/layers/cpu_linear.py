@@ -5,10 +5,10 @@ which makes the small matrix-vector products of a decode step two to three times
 memory bandwidth allows. `pack_linears` turns every `nn.Linear` of a model into a `PackedLinear`,
 which keeps its parameters (and so `state_dict`, weight tying and training) as they are and adds
 a packed copy of the weight, made on first use and remade whenever the weight changes. The copy
-costs as much memory as the weights themselves. `project` / `project_stacked` run several packed
-linears of one input (q/k/v, gate/up) as one product over their stacked weights, which is exact and
-faster than one small product each; on any other path they call the layers one by one. Set
-`HYLA_CPU_PACKED_LINEAR=0` to turn packing off.
+costs as much memory as the weights themselves. `project` / `project_groups` run several packed
+linears of one input (q/k/v, gate/up, a linear mixer's input projections) as one product over their
+stacked weights, which is exact and faster than one small product each; on any other path they call
+the layers one by one. Set `HYLA_CPU_PACKED_LINEAR=0` to turn packing off.
 """
 
 from __future__ import annotations
@@ -97,18 +97,18 @@ def _stack(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> PackedLinear | No
 
 def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """`tuple(m(x) for m in linears)`, as one packed product (and views of it) when possible."""
-    first = _stack(x, linears)
-    if first is None:
-        return tuple(m(x) for m in linears)
-    return packed_linear(x, *first.stacked_weight(linears)).split([m.out_features for m in linears], -1)
+    return project_groups(x, *((m,) for m in linears))
 
 
-def project_stacked(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:
-    """`torch.cat([m(x) for m in linears], -1)`, as one packed product when possible."""
+def project_groups(x: torch.Tensor, *groups: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Per group, its linears' outputs of `x` concatenated (`torch.cat([m(x) for m in group], -1)`);
+    every group from one packed product (and views of it) when possible."""
+    linears = tuple(m for group in groups for m in group)
     first = _stack(x, linears)
     if first is None:
-        return torch.cat([m(x) for m in linears], -1)
-    return packed_linear(x, *first.stacked_weight(linears))
+        return tuple(group[0](x) if len(group) == 1 else torch.cat([m(x) for m in group], -1) for group in groups)
+    widths = [sum(m.out_features for m in group) for group in groups]
+    return packed_linear(x, *first.stacked_weight(linears)).split(widths, -1)
 
 
 def pack_linears(model: nn.Module) -> int:
