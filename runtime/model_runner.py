@@ -11,6 +11,7 @@ import torch
 from hyla.runtime.cache_budget import CachePlan
 from hyla.runtime.cuda_graphs import DecodeGraphs
 from hyla.runtime.kv_cache import PagedKVCache
+from hyla.runtime.layers.cpu_linear import pack_linears
 from hyla.runtime.model import HybridForCausalLM
 from hyla.runtime.paged_context import PagedContext, StepMetadata
 from hyla.runtime.sampler import sample
@@ -94,6 +95,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            pack_linears(model)
         self.block_size = plan.block_size
         self.max_model_len = plan.max_model_len
         rows = plan.num_slots + plan.num_snapshot_rows

@@ -7,6 +7,7 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
+from hyla.runtime.layers.cpu_linear import project
 from hyla.runtime.layers.norm import RMSNorm
 from hyla.runtime.layers.rotary import apply_rotary
 
@@ -33,9 +34,10 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.rope

@@ -55,14 +55,15 @@ class GatedDeltaNet(LinearMixer):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         slots = ctx.decode_slots(self.layer_idx)
-        q, k, v, conv_state = self.project_qkv(x, ctx, slots)
+        qkv, gate, a, b = self.project_in(x, self.a_proj, self.b_proj)
+        q, k, v, conv_state = self.mix_qkv(qkv, ctx, slots)
         q, k = l2_normalize(q), l2_normalize(k)
-        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
         if slots is not None:
             o = gdn_decode_(q[0], k[0], v[0], g[0], beta[0], slots.recurrent, slots.index, self.head_dim**-0.5)
-            return self.project_out(o[None], x)
+            return self.project_out(o[None], gate)
         o, state = gated_delta_rule(
             q, k, v, g, beta, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens
         )
         ctx.store_linear_state(self.layer_idx, conv_state, state)
-        return self.project_out(o, x)
+        return self.project_out(o, gate)

@@ -26,14 +26,15 @@ class GatedLinearAttention(LinearMixer):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
         slots = ctx.decode_slots(self.layer_idx)
-        q, k, v, conv_state = self.project_qkv(x, ctx, slots)
-        gk = F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / GATE_LOGIT_NORMALIZER
+        qkv, gate, gk_low = self.project_in(x, self.gk_down)
+        q, k, v, conv_state = self.mix_qkv(qkv, ctx, slots)
+        gk = F.logsigmoid(self.gk_up(gk_low).float()) / GATE_LOGIT_NORMALIZER
         gk = gk.view(b, t, self.num_heads, self.head_dim)
         if slots is not None:
             o = gla_decode_(q[0], k[0], v[0], gk[0], slots.recurrent, slots.index, self.head_dim**-0.5)
-            return self.project_out(o[None], x)
+            return self.project_out(o[None], gate)
         o, state = gated_linear_attention(
             q, k, v, gk, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens
         )
         ctx.store_linear_state(self.layer_idx, conv_state, state)
-        return self.project_out(o, x)
+        return self.project_out(o, gate)

@@ -9,6 +9,7 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext, LinearSlots
+from hyla.runtime.layers.cpu_linear import project_groups
 from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.norm import RMSNorm, rms_norm
 from hyla.runtime.ops import short_conv
@@ -44,13 +45,16 @@ class LinearMixer(nn.Module):
                 self.conv_weight.zero_()
                 self.conv_weight[:, -1] = 1.0
 
-    def project_qkv(
-        self, x: torch.Tensor, ctx: ForwardContext, slots: LinearSlots | None = None
+    def project_in(self, x: torch.Tensor, *extra: nn.Module) -> tuple[torch.Tensor, ...]:
+        """The input projections of `x`: stacked q/k/v, the output gate, then those of the `extra` layers."""
+        return project_groups(x, (self.q_proj, self.k_proj, self.v_proj), (self.g_proj,), *((m,) for m in extra))
+
+    def mix_qkv(
+        self, qkv: torch.Tensor, ctx: ForwardContext, slots: LinearSlots | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """q, k, v `[B, T, H, D]` after conv + SiLU, and the new conv state (None when `slots` took it
-        in place)."""
-        b, t, _ = x.shape
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        """q, k, v `[B, T, H, D]` from the stacked projection after conv + SiLU, and the new conv state
+        (None when `slots` took it in place)."""
+        b, t, _ = qkv.shape
         if ctx.token_mask is not None:
             qkv = torch.where(ctx.token_mask[..., None], qkv, torch.zeros((), dtype=qkv.dtype, device=qkv.device))
         conv_state = None
@@ -69,11 +73,11 @@ class LinearMixer(nn.Module):
         q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
         return q, k, v, conv_state
 
-    def project_out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """o_proj(RMSNorm(o) * SiLU(g_proj(x)))."""
-        b, t, _ = x.shape
-        gate = self.g_proj(x).view(b, t, self.num_heads, self.head_dim)
-        return self.o_proj(gated_rms_norm(o.to(x.dtype), self.o_norm.weight, self.o_norm.eps, gate).reshape(b, t, -1))
+    def project_out(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """o_proj(RMSNorm(o) * SiLU(gate)), `gate` being the g_proj output."""
+        b, t, _ = gate.shape
+        gate = gate.view(b, t, self.num_heads, self.head_dim)
+        return self.o_proj(gated_rms_norm(o.to(gate.dtype), self.o_norm.weight, self.o_norm.eps, gate).reshape(b, t, -1))
 
     def recurrent_state(self, ctx: ForwardContext) -> torch.Tensor | None:
         return ctx.linear_state(self.layer_idx)[1]

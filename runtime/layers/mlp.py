@@ -8,6 +8,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from hyla.runtime.config import HybridConfig
+from hyla.runtime.layers.cpu_linear import project
 from hyla.runtime.layers.fusion import fused
 
 
@@ -24,7 +25,7 @@ class GatedMLP(nn.Module):
         self.silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, self.gate_proj, self.up_proj)
         return self.down_proj(silu_mul(gate, up) if self.silu else self.act(gate) * up)
 
 

@@ -5,8 +5,8 @@ with token slot ``block * block_size + offset``; ``block_tables [N, max_blocks]`
 sequence's logical blocks to pool blocks and ``context_lens [N]`` counts its cached tokens (the
 new ones included). Query head ``i`` uses KV head ``i // G`` (``Hq = G * Hkv``).
 
-CUDA tensors in bf16 / fp16 run Triton kernels (imported on first use); everything else runs the
-PyTorch references, which compute in fp32. The decode path is CUDA-graph safe: its launch grid
+CUDA tensors in bf16 / fp16 run Triton kernels (imported on first use); CPU tensors run
+:mod:`.cpu_attention`; everything else runs the PyTorch references, which compute in fp32. The decode path is CUDA-graph safe: its launch grid
 depends only on shapes and the ``max_context_len`` bound, never on tensor values.
 """
 
@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .cpu_attention import decode_attention_cpu, prefill_attention_cpu
 
 try:  # Triton ships with CUDA builds only; the references need none of it
     import triton
@@ -64,6 +66,8 @@ def paged_decode_attention(
         out = torch.empty_like(q)
     if _use_triton(q, k_cache):
         _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out, max_context_len, block_size, workspace)
+    elif q.device.type == "cpu":
+        out.copy_(decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, block_size))
     else:
         out.copy_(_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, block_size))
     return out
@@ -90,6 +94,8 @@ def paged_prefill_attention(
     k_cache, v_cache, block_size = _flat_pool(k_cache, v_cache, block_size)
     if _use_triton(q, k_cache):
         return _prefill_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_query_len, block_size)
+    if q.device.type == "cpu":
+        return prefill_attention_cpu(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, block_size)
     return _prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, block_size)
 
 

@@ -21,7 +21,8 @@ def short_conv(
     ``[C, W]``. ``conv_state`` ``[N, C, W-1]`` holds the W-1 inputs before each sequence (zeros when
     None). Returns y (x's shape and dtype) and the new state ``[N, C, W-1]`` in x's dtype: the last
     W-1 inputs of each sequence, reaching into the old state for sequences shorter than W-1.
-    Computed in fp32 without host syncs.
+    Computed in fp32 without host syncs; a packed batch on the CPU runs one conv in x's dtype
+    (fp32 accumulation).
     """
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
@@ -46,8 +47,11 @@ def short_conv(
     buf[tok_pos] = x[0]
     buf[cu[:-1, None] + seq_off + lag] = conv_state.to(x.dtype).transpose(1, 2)
 
-    w = weight.float()
-    y = sum(buf[tok_pos - (W - 1 - j)].float() * w[:, j] for j in range(W))
+    if dev.type == "cpu":  # one depthwise conv over the whole buffer; windows never cross sequences
+        y = F.conv1d(buf.t()[None], weight.to(x.dtype)[:, None, :], groups=C)[0].t()[tok_pos - (W - 1)]
+    else:
+        w = weight.float()
+        y = sum(buf[tok_pos - (W - 1 - j)].float() * w[:, j] for j in range(W))
     if activation == "silu":
         y = F.silu(y)
     new_state = buf[cu[1:, None] + seq_off + lag].transpose(1, 2).contiguous()

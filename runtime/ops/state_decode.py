@@ -2,8 +2,9 @@
 
 Sequence n reads and writes state slot ``state_idx[n]`` (indices distinct; other slots are left
 alone). Recurrent states are fp32 ``[slots, H, K, V]``; conv states ``[slots, C, W-1]`` hold the
-previous W-1 inputs, oldest first. CUDA tensors run Triton kernels (imported on first use); other
-devices run the PyTorch recurrences of :mod:`.delta_rule`, :mod:`.gla` and :mod:`.short_conv`.
+previous W-1 inputs, oldest first. CUDA tensors run Triton kernels (imported on first use); CPU
+tensors run the step as a few batched products; other devices run the PyTorch recurrences of
+:mod:`.delta_rule`, :mod:`.gla` and :mod:`.short_conv`, which the tests hold the fast paths to.
 All paths are CUDA-graph safe: no host syncs, grids fixed by shapes.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:  # Triton ships with CUDA builds only; the references need none of it
@@ -34,6 +36,8 @@ def gdn_decode_(
     """
     if state.is_cuda:
         return _recurrent_triton("gdn", q, k, v, g, beta, state, state_idx, scale)
+    if state.device.type == "cpu" and state.dtype == torch.float32:
+        return _gdn_step_cpu(q, k, v, g, beta, state, state_idx, scale)
     idx = state_idx.long()
     o, S = recurrent_gated_delta_rule(
         *(x.float()[:, None] for x in (q, k, v, g, beta)), scale=scale, state=state[idx]
@@ -51,6 +55,8 @@ def gla_decode_(
     """
     if state.is_cuda:
         return _recurrent_triton("gla", q, k, v, gk, None, state, state_idx, scale)
+    if state.device.type == "cpu" and state.dtype == torch.float32:
+        return _gla_step_cpu(q, k, v, gk, state, state_idx, scale)
     idx = state_idx.long()
     o, S = recurrent_gla(*(x.float()[:, None] for x in (q, k, v, gk)), scale=scale, state=state[idx])
     state[idx] = S
@@ -70,10 +76,51 @@ def short_conv_decode_(
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     if x.is_cuda:
         return _short_conv_triton(x, weight, conv_state, state_idx, activation == "silu")
+    if x.device.type == "cpu":
+        return _short_conv_step_cpu(x, weight, conv_state, state_idx, activation == "silu")
     idx = state_idx.long()
     y, new_state = short_conv(x[:, None], weight, conv_state=conv_state[idx], activation=activation)
     conv_state[idx] = new_state.to(conv_state.dtype)
     return y[:, 0]
+
+
+def _gdn_step_cpu(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor, state_idx: Tensor, scale: float
+) -> Tensor:
+    """The step of :func:`gdn_decode_` as a few batched fp32 matrix products over ``N·H`` heads."""
+    N, H, K = q.shape
+    V = v.shape[-1]
+    idx = state_idx.long()
+    S = state.index_select(0, idx).mul_(g.float().exp()[..., None, None]).view(N * H, K, V)
+    k_col = k.float().reshape(N * H, K, 1)
+    u = (v.float().reshape(N * H, 1, V) - k_col.transpose(1, 2).bmm(S)).mul_(beta.float().reshape(N * H, 1, 1))
+    S.baddbmm_(k_col, u)
+    o = q.float().reshape(N * H, 1, K).bmm(S).mul_(scale)
+    state.index_copy_(0, idx, S.view(N, H, K, V))
+    return o.view(N, H, V).to(v.dtype)
+
+
+def _gla_step_cpu(
+    q: Tensor, k: Tensor, v: Tensor, gk: Tensor, state: Tensor, state_idx: Tensor, scale: float
+) -> Tensor:
+    """The step of :func:`gla_decode_` as a few batched fp32 matrix products over ``N·H`` heads."""
+    N, H, K = q.shape
+    V = v.shape[-1]
+    idx = state_idx.long()
+    S = state.index_select(0, idx).mul_(gk.float().exp()[..., None]).view(N * H, K, V)
+    S.baddbmm_(k.float().reshape(N * H, K, 1), v.float().reshape(N * H, 1, V))
+    o = q.float().reshape(N * H, 1, K).bmm(S).mul_(scale)
+    state.index_copy_(0, idx, S.view(N, H, K, V))
+    return o.view(N, H, V).to(v.dtype)
+
+
+def _short_conv_step_cpu(x: Tensor, weight: Tensor, conv_state: Tensor, state_idx: Tensor, silu: bool) -> Tensor:
+    """The step of :func:`short_conv_decode_` on one ``[N, C, W]`` window of past inputs and x."""
+    idx = state_idx.long()
+    window = torch.cat([conv_state.index_select(0, idx).to(x.dtype), x[..., None]], -1)
+    y = (window.float() * weight.float()).sum(-1)
+    conv_state.index_copy_(0, idx, window[..., 1:].to(conv_state.dtype))
+    return (F.silu(y) if silu else y).to(x.dtype)
 
 
 def _recurrent_triton(

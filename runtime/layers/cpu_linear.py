@@ -1,0 +1,126 @@
+"""bf16 linear layers with oneDNN-prepacked weights for CPU inference.
+
+`F.linear` on a bf16 CPU weight reorders the weight into oneDNN's blocked layout on every call,
+which makes the small matrix-vector products of a decode step two to three times slower than the
+memory bandwidth allows. `pack_linears` turns every `nn.Linear` of a model into a `PackedLinear`,
+which keeps its parameters (and so `state_dict`, weight tying and training) as they are and adds
+a packed copy of the weight, made on first use and remade whenever the weight changes. The copy
+costs as much memory as the weights themselves. `project` / `project_groups` run several packed
+linears of one input (q/k/v, gate/up, a linear mixer's input projections) as one product over their
+stacked weights, which is exact and faster than one small product each; on any other path they call
+the layers one by one. Set `HYLA_CPU_PACKED_LINEAR=0` to turn packing off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACK_DTYPES = (torch.bfloat16,)
+PACK_BATCH_HINT = 1
+"""Rows the packed layout is tuned for: decode steps (the packed product is exact at any row count)."""
+
+
+def packing_enabled() -> bool:
+    return os.environ.get("HYLA_CPU_PACKED_LINEAR", "1") != "0"
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for a weight packed by `pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN blocked copy of a `[out, in]` weight."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+
+
+def _key(t: torch.Tensor | None) -> tuple[int, int, torch.dtype] | None:
+    """Identifies a tensor's current contents: storage, in-place version and dtype."""
+    return None if t is None else (t.data_ptr(), t._version, t.dtype)
+
+
+class PackedLinear(nn.Linear):
+    """`nn.Linear` that runs bf16 CPU inference (no autograd) on a packed copy of its weight."""
+
+    _packed: tuple[object, torch.Tensor] | None = None
+    _stacked: tuple[object, torch.Tensor, torch.Tensor | None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.packs(x):
+            return F.linear(x, self.weight, self.bias)
+        return packed_linear(x, self.packed_weight(), self.bias)
+
+    def packs(self, x: torch.Tensor) -> bool:
+        """Whether `x` runs on the packed weight: CPU inference in a packed dtype."""
+        w = self.weight
+        return not torch.is_grad_enabled() and w.device.type == "cpu" and w.dtype in PACK_DTYPES and x.dtype == w.dtype
+
+    def packed_weight(self) -> torch.Tensor:
+        """The packed weight, repacked when the weight's storage, version or dtype changed."""
+        key = _key(self.weight)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, pack_weight(self.weight))
+        return self._packed[1]
+
+    def stacked_weight(self, linears: tuple[PackedLinear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Packed weight and bias of `linears` (this layer first) stacked along the output, kept here."""
+        key = tuple((_key(m.weight), _key(m.bias)) for m in linears)
+        if self._stacked is None or self._stacked[0] != key:
+            weight = torch.cat([m.weight.detach() for m in linears])
+            bias = None
+            if any(m.bias is not None for m in linears):
+                bias = torch.cat([
+                    m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.detach() for m in linears
+                ])
+            self._stacked = (key, pack_weight(weight), bias)
+        return self._stacked[1], self._stacked[2]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight out (it cannot be serialised; it is remade on use)."""
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        state.pop("_stacked", None)
+        return state
+
+
+def _stack(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> PackedLinear | None:
+    """The first of `linears` when they can run as one packed product on `x`."""
+    first = linears[0]
+    if isinstance(first, PackedLinear) and first.packs(x) and all(type(m) is PackedLinear for m in linears):
+        return first
+    return None
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`tuple(m(x) for m in linears)`, as one packed product (and views of it) when possible."""
+    return project_groups(x, *((m,) for m in linears))
+
+
+def project_groups(x: torch.Tensor, *groups: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Per group, its linears' outputs of `x` concatenated (`torch.cat([m(x) for m in group], -1)`);
+    every group from one packed product (and views of it) when possible."""
+    linears = tuple(m for group in groups for m in group)
+    first = _stack(x, linears)
+    if first is None:
+        return tuple(group[0](x) if len(group) == 1 else torch.cat([m(x) for m in group], -1) for group in groups)
+    widths = [sum(m.out_features for m in group) for group in groups]
+    return packed_linear(x, *first.stacked_weight(linears)).split(widths, -1)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Make every plain `nn.Linear` of `model` a `PackedLinear` (in place); returns how many.
+
+    Does nothing when `HYLA_CPU_PACKED_LINEAR=0`.
+    """
+    if not packing_enabled():
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = PackedLinear
+            count += 1
+    return count

@@ -1,0 +1,77 @@
+"""The CPU paged attention against the fp32 PyTorch references of `paged_attention` on fresh random pools."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyla.runtime.ops import paged_attention as pa
+from hyla.runtime.ops.cpu_attention import decode_attention_cpu, gather_blocks, prefill_attention_cpu
+from tests.test_paged_ops import make_pool
+
+D = 64
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def test_gather_blocks_matches_token_gather() -> None:
+    gen = torch.Generator().manual_seed(0)
+    k_cache, _, tables, ks, _ = make_pool([40, 16, 3], 2, 16, torch.bfloat16, gen, D)
+    got = gather_blocks(k_cache, tables, tables.shape[1], 16)
+    assert got.shape == (3, 2, tables.shape[1] * 16, D)
+    for n, k in enumerate(ks):
+        assert torch.equal(got[n, :, : len(k)], k.transpose(0, 1))
+    buffer = torch.full((got.numel() + 7,), float("nan"), dtype=torch.bfloat16)
+    assert torch.equal(gather_blocks(k_cache, tables, tables.shape[1], 16, buffer), got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("lens", [[300], [7, 0, 130, 64, 129], [50, 50, 50]])
+def test_decode_matches_reference(lens: list[int], Hq: int, Hkv: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(len(lens) + Hq)
+    block_size = 16
+    k_cache, v_cache, tables, _, _ = make_pool(lens, Hkv, block_size, dtype, gen, D, table_blocks=12)
+    q = torch.randn(len(lens), Hq, D, generator=gen).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    bound = max(lens) + 5
+    got = decode_attention_cpu(q, k_cache, v_cache, tables, ctx, 0.125, bound, block_size)
+    want = pa._decode_reference(q, k_cache, v_cache, tables, ctx, 0.125, bound, block_size)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = tolerance(dtype)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    assert (got[ctx == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3)])
+def test_prefill_matches_reference(Hq: int, Hkv: int, dtype: torch.dtype) -> None:
+    """Fresh prompts (two of one length: one batched call), chunks after a cached prefix, an idle row."""
+    gen = torch.Generator().manual_seed(Hq)
+    block_size = 16
+    qlens = [37, 5, 37, 0, 16, 1]
+    ctxs = [37, 70, 37, 9, 48, 20]
+    k_cache, v_cache, tables, _, _ = make_pool(ctxs, Hkv, block_size, dtype, gen, D)
+    q = torch.randn(sum(qlens), Hq, D, generator=gen).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    ctx = torch.tensor(ctxs, dtype=torch.int32)
+    got = prefill_attention_cpu(q, k_cache, v_cache, tables, cu, ctx, 0.2, block_size)
+    want = pa._prefill_reference(q, k_cache, v_cache, tables, cu, ctx, 0.2, block_size)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = tolerance(dtype)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_paged_entry_points_use_cpu_path() -> None:
+    gen = torch.Generator().manual_seed(3)
+    lens = [33, 18]
+    k_cache, v_cache, tables, _, _ = make_pool(lens, 2, 16, torch.bfloat16, gen, D)
+    q = torch.randn(2, 6, D, generator=gen).to(torch.bfloat16)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    got = pa.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.3, max_context_len=33, block_size=16)
+    assert torch.equal(got, decode_attention_cpu(q, k_cache, v_cache, tables, ctx, 0.3, 33, 16))
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    got = pa.paged_prefill_attention(q, k_cache, v_cache, tables, cu, ctx, 0.3, 1, block_size=16)
+    assert torch.equal(got, prefill_attention_cpu(q, k_cache, v_cache, tables, cu, ctx, 0.3, 16))
