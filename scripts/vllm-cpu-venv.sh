@@ -34,7 +34,7 @@ if [ -n "${HYLA_SRC:-}" ]; then
     transformers=$("$VENV/bin/python" -c 'import sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
 print(next(d for d in deps if d.startswith("transformers")))' "$HYLA_SRC/pyproject.toml")
-    "${pip[@]}" install -q -c "$constraints" "$transformers" pytest openai
+    "${pip[@]}" install -q -c "$constraints" "$transformers" pytest pytest-asyncio openai
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, vllm
