@@ -207,7 +207,7 @@ class CacheManager:
         for j in range(seq.registered_blocks, known // bs):
             parent = keys[j - 1] if j else self.cache.salt
             self.cache.register(seq.block_table[j], keys[j], parent, tuple(seq.token_ids[j * bs : (j + 1) * bs]))
-        seq.registered_blocks = max(seq.registered_blocks, known // bs)
+        seq.registered_blocks = known // bs
         if known < done:
             return []
         prompt_len = seq.request.num_prompt_tokens

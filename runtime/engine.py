@@ -220,19 +220,19 @@ class LLMEngine:
         """
         outputs = []
         if self._inflight is not None and not self._can_overlap(self._inflight):
-            outputs += self._finish(self._inflight)
-            self._inflight = None
+            outputs += self._settle()
         plan = self.scheduler.schedule()
         launched = self._launch(plan, outputs) if plan.chunks else None
-        if self._inflight is not None:
-            outputs += self._finish(self._inflight)
-            self._inflight = None
-        if launched is not None:
-            self._inflight = launched
-        if self._inflight is not None and not (self.async_scheduling and self.requests):
-            outputs += self._finish(self._inflight)  # nobody waits for a next step: settle this one
-            self._inflight = None
+        outputs += self._settle()
+        self._inflight = launched
+        if not (self.async_scheduling and self.requests):  # nobody waits for a next step
+            outputs += self._settle()
         return outputs
+
+    def _settle(self) -> list[RequestOutput]:
+        """Finish the queued step, if any."""
+        launched, self._inflight = self._inflight, None
+        return self._finish(launched) if launched is not None else []
 
     def _launch(self, plan: SchedulerOutput, outputs: list[RequestOutput]) -> LaunchedStep | None:
         """Queue a scheduled step on the device and account for what it computes and draws (the drawn
@@ -304,9 +304,7 @@ class LLMEngine:
         if work.draws:
             seq.pending -= 1
         if seq.finished:  # aborted, or it finished while this step was already queued
-            if seq.slot is not None and not seq.pending:
-                self._keep(seq, finished=True)
-                self.scheduler.remove(seq)
+            self._retire(seq)
             return False
         if seq.slot is not None:
             self._keep(seq)
@@ -329,7 +327,7 @@ class LLMEngine:
         return True
 
     def _retire(self, seq: Sequence) -> None:
-        """A sequence that just finished: offer it to the prefix cache and free its cache, or, when a
+        """A finished or aborted sequence: offer it to the prefix cache and free its cache, or, when a
         queued step still runs it, leave that to the step's postprocessing."""
         if seq.pending:
             if seq in self.scheduler.running:

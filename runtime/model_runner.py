@@ -201,7 +201,7 @@ class ModelRunner:
         host = (tokens + positions + [c.seq.slot for c in chunks] + [c.end for c in chunks]
                 + [c.num_tokens for c in chunks])
         ids, pos, slots, lens, qlens = self.to_device(host).split([t, t, n, n, n])
-        if any(c.end > len(c.seq.token_ids) for c in chunks):
+        if min(tokens) < 0:  # placeholders of tokens still on the device
             ids = self.resolve_ids(ids)
         meta = self.metadata(
             ids, pos, slots, lens, qlens, max(c.num_tokens for c in chunks), max(c.end for c in chunks)
