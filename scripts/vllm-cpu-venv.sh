@@ -28,13 +28,14 @@ echo "$TORCH" >"$constraints"
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 if [ -n "${HYLA_SRC:-}" ]; then
     # hyla's own pins (e.g. its transformers range) are not vLLM's: install hyla without its deps and
-    # add only what its import path and tests need, under the same torch constraint.
-    "${pip[@]}" install -q --no-deps -e "$HYLA_SRC"
+    # add only what its import path and tests need, under the same torch constraint. The packages
+    # left out on purpose (above, and hyla's training and serving deps) are not reported as conflicts.
+    "${pip[@]}" install -q --no-warn-conflicts --no-deps -e "$HYLA_SRC"
     # hyla's transformers range, read from its pyproject.toml (vLLM's range is wider).
     transformers=$("$VENV/bin/python" -c 'import sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
 print(next(d for d in deps if d.startswith("transformers")))' "$HYLA_SRC/pyproject.toml")
-    "${pip[@]}" install -q -c "$constraints" "$transformers" pytest pytest-asyncio openai
+    "${pip[@]}" install -q --no-warn-conflicts -c "$constraints" "$transformers" pytest pytest-asyncio openai
 fi
 "$VENV/bin/python" - <<'PY'
 import torch, vllm
