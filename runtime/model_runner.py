@@ -12,6 +12,7 @@ from hyla.runtime.cache_budget import CachePlan
 from hyla.runtime.cuda_graphs import DecodeGraphs
 from hyla.runtime.kv_cache import PagedKVCache
 from hyla.runtime.layers.cpu_linear import pack_linears
+from hyla.runtime.layers.projections import stack_projections
 from hyla.runtime.model import HybridForCausalLM
 from hyla.runtime.paged_context import PagedContext, StepMetadata
 from hyla.runtime.sampler import sample
@@ -95,6 +96,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
+        stack_projections(model)
         if self.device.type == "cpu":
             pack_linears(model)
         self.block_size = plan.block_size

@@ -13,7 +13,8 @@ from torch import nn
 from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
-from hyla.runtime.layers.cpu_linear import PackedLinear, pack_linears, pack_weight, packed_linear, project, project_groups
+from hyla.runtime.layers.cpu_linear import PackedLinear, pack_linears, pack_weight, packed_linear
+from hyla.runtime.layers.projections import project, project_groups
 from hyla.runtime.loading import as_hybrid
 from hyla.runtime.sampling_params import SamplingParams
 from tests.tiny_models import tiny_teacher

@@ -7,7 +7,7 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
-from hyla.runtime.layers.cpu_linear import project
+from hyla.runtime.layers.projections import project
 from hyla.runtime.layers.norm import RMSNorm
 from hyla.runtime.layers.rotary import apply_rotary
 
@@ -32,9 +32,12 @@ class SoftmaxAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        return (self.q_proj, self.k_proj, self.v_proj)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = project(x, *self.input_projections())
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)

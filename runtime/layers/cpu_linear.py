@@ -5,10 +5,10 @@ which makes the small matrix-vector products of a decode step two to three times
 memory bandwidth allows. `pack_linears` turns every `nn.Linear` of a model into a `PackedLinear`,
 which keeps its parameters (and so `state_dict`, weight tying and training) as they are and adds
 a packed copy of the weight, made on first use and remade whenever the weight changes. The copy
-costs as much memory as the weights themselves. `project` / `project_groups` run several packed
-linears of one input (q/k/v, gate/up, a linear mixer's input projections) as one product over their
-stacked weights, which is exact and faster than one small product each; on any other path they call
-the layers one by one. Set `HYLA_CPU_PACKED_LINEAR=0` to turn packing off.
+costs as much memory as the weights themselves. `packed_product` runs several packed linears of one
+input (q/k/v, gate/up, a linear mixer's input projections) as one product over their stacked
+weights, which is exact and faster than one small product each. Set `HYLA_CPU_PACKED_LINEAR=0` to
+turn packing off.
 """
 
 from __future__ import annotations
@@ -87,28 +87,13 @@ class PackedLinear(nn.Linear):
         return state
 
 
-def _stack(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> PackedLinear | None:
-    """The first of `linears` when they can run as one packed product on `x`."""
+def packed_product(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    """`torch.cat([m(x) for m in linears], -1)` as one product over their stacked packed weights, or
+    None when they do not all run packed on `x`."""
     first = linears[0]
-    if isinstance(first, PackedLinear) and first.packs(x) and all(type(m) is PackedLinear for m in linears):
-        return first
-    return None
-
-
-def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """`tuple(m(x) for m in linears)`, as one packed product (and views of it) when possible."""
-    return project_groups(x, *((m,) for m in linears))
-
-
-def project_groups(x: torch.Tensor, *groups: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
-    """Per group, its linears' outputs of `x` concatenated (`torch.cat([m(x) for m in group], -1)`);
-    every group from one packed product (and views of it) when possible."""
-    linears = tuple(m for group in groups for m in group)
-    first = _stack(x, linears)
-    if first is None:
-        return tuple(group[0](x) if len(group) == 1 else torch.cat([m(x) for m in group], -1) for group in groups)
-    widths = [sum(m.out_features for m in group) for group in groups]
-    return packed_linear(x, *first.stacked_weight(linears)).split(widths, -1)
+    if not (isinstance(first, PackedLinear) and first.packs(x) and all(type(m) is PackedLinear for m in linears)):
+        return None
+    return packed_linear(x, *first.stacked_weight(linears))
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -23,10 +23,13 @@ class GatedLinearAttention(LinearMixer):
         self.gk_down = nn.Linear(config.hidden_size, config.gla_gate_rank, bias=False)
         self.gk_up = nn.Linear(config.gla_gate_rank, self.num_heads * self.head_dim, bias=True)
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        return (*super().input_projections(), self.gk_down)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
         slots = ctx.decode_slots(self.layer_idx)
-        qkv, gate, gk_low = self.project_in(x, self.gk_down)
+        qkv, gate, gk_low = self.project_in(x)
         q, k, v, conv_state = self.mix_qkv(qkv, ctx, slots)
         gk = F.logsigmoid(self.gk_up(gk_low).float()) / GATE_LOGIT_NORMALIZER
         gk = gk.view(b, t, self.num_heads, self.head_dim)

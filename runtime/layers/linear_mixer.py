@@ -9,7 +9,7 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext, LinearSlots
-from hyla.runtime.layers.cpu_linear import project_groups
+from hyla.runtime.layers.projections import project_groups
 from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.norm import RMSNorm, rms_norm
 from hyla.runtime.ops import short_conv
@@ -45,9 +45,14 @@ class LinearMixer(nn.Module):
                 self.conv_weight.zero_()
                 self.conv_weight[:, -1] = 1.0
 
-    def project_in(self, x: torch.Tensor, *extra: nn.Module) -> tuple[torch.Tensor, ...]:
-        """The input projections of `x`: stacked q/k/v, the output gate, then those of the `extra` layers."""
-        return project_groups(x, (self.q_proj, self.k_proj, self.v_proj), (self.g_proj,), *((m,) for m in extra))
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        """The linears that read the layer's input: q, k, v, the output gate, then the mixer's own."""
+        return (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
+
+    def project_in(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`input_projections()` of `x`: q/k/v concatenated, the output gate, then the mixer's own."""
+        q, k, v, g, *own = self.input_projections()
+        return project_groups(x, (q, k, v), (g,), *((m,) for m in own))
 
     def mix_qkv(
         self, qkv: torch.Tensor, ctx: ForwardContext, slots: LinearSlots | None = None

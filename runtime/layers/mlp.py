@@ -8,7 +8,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from hyla.runtime.config import HybridConfig
-from hyla.runtime.layers.cpu_linear import project
+from hyla.runtime.layers.projections import project
 from hyla.runtime.layers.fusion import fused
 
 
@@ -24,8 +24,11 @@ class GatedMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.silu = config.hidden_act in ("silu", "swish")
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        return (self.gate_proj, self.up_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.gate_proj, self.up_proj)
+        gate, up = project(x, *self.input_projections())
         return self.down_proj(silu_mul(gate, up) if self.silu else self.act(gate) * up)
 
 

@@ -1,0 +1,87 @@
+"""Several linear layers of one input run as one product.
+
+q/k/v, gate/up and a linear mixer's input projections all read the same activations. One by one
+they cost a kernel each (a decode step of a small model is bound by kernel count) plus a
+concatenation. `stack_projections` moves each layer's `input_projections()` into one weight tensor
+whose rows the linears keep as their parameters (views: no extra memory, `state_dict` unchanged in
+values), and `project_groups` then runs them as one product and splits it. On CPU the oneDNN-packed
+copies of :mod:`.cpu_linear` take precedence; anything not stacked runs layer by layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyla.runtime.layers.cpu_linear import packed_product
+
+
+class Stack(NamedTuple):
+    """The stacked weight (and bias) of `linears`, and where their parameters must still live."""
+
+    linears: tuple[nn.Linear, ...]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    pointers: tuple[tuple[int, int | None], ...]
+
+    def serves(self, linears: tuple[nn.Module, ...]) -> bool:
+        """Whether this stack is exactly `linears`, whose parameters are still its views."""
+        return self.linears == linears and self.pointers == _pointers(linears)
+
+
+def _pointers(linears: tuple[nn.Module, ...]) -> tuple[tuple[int, int | None], ...]:
+    return tuple((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in linears)
+
+
+def stack_linears(linears: tuple[nn.Linear, ...]) -> None:
+    """Make the weights (and biases) of `linears`, which share an input, rows of one tensor; a
+    no-op when they already are (captured CUDA graphs keep reading that tensor)."""
+    stack = getattr(linears[0], "stack", None)
+    if stack is not None and stack.serves(linears):
+        return
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+    at = 0
+    for m in linears:
+        rows = slice(at, at + m.out_features)
+        m.weight = nn.Parameter(weight[rows], requires_grad=m.weight.requires_grad)
+        if m.bias is not None:
+            m.bias = nn.Parameter(bias[rows], requires_grad=m.bias.requires_grad)
+        at += m.out_features
+    linears[0].stack = Stack(linears, weight, bias, _pointers(linears))
+
+
+def stack_projections(model: nn.Module) -> int:
+    """Stack the `input_projections()` of every layer of `model` that declares them; returns how many."""
+    count = 0
+    for module in model.modules():
+        group = getattr(module, "input_projections", None)
+        if group is not None:
+            stack_linears(group())
+            count += 1
+    return count
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`tuple(m(x) for m in linears)`, as one product (and views of it) when possible."""
+    return project_groups(x, *((m,) for m in linears))
+
+
+def project_groups(x: torch.Tensor, *groups: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Per group, its linears' outputs of `x` concatenated (`torch.cat([m(x) for m in group], -1)`);
+    every group from one product (and views of it) when the linears are packed, or stacked and no
+    gradient is recorded (the stacked tensor is not the parameters autograd tracks)."""
+    linears = tuple(m for group in groups for m in group)
+    out = packed_product(x, linears)
+    if out is None:
+        stack = getattr(linears[0], "stack", None)
+        if stack is None or torch.is_grad_enabled() or not stack.serves(linears):
+            return tuple(g[0](x) if len(g) == 1 else torch.cat([m(x) for m in g], -1) for g in groups)
+        out = F.linear(x, stack.weight, stack.bias)
+    return out.split([sum(m.out_features for m in group) for group in groups], -1)
