@@ -1,4 +1,5 @@
-"""Causal depthwise short convolution with a carried conv state (pure PyTorch, any device)."""
+"""Causal depthwise short convolution with a carried conv state (PyTorch on any device; packed
+batches on CUDA run the Triton pass of :mod:`.short_conv_cuda`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def short_conv(
     None). Returns y (x's shape and dtype) and the new state ``[N, C, W-1]`` in x's dtype: the last
     W-1 inputs of each sequence, reaching into the old state for sequences shorter than W-1.
     Computed in fp32 without host syncs; a packed batch on the CPU runs one conv in x's dtype
-    (fp32 accumulation).
+    (fp32 accumulation), on CUDA one Triton pass (:mod:`.short_conv_cuda`).
     """
     if activation not in ("silu", None):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
@@ -32,6 +33,11 @@ def short_conv(
         return _dense(x, weight, conv_state, activation)
     if B != 1:
         raise ValueError(f"batch size must be 1 with cu_seqlens, got {B}")
+    if x.is_cuda:
+        from .short_conv_cuda import varlen_short_conv
+
+        y, new_state = varlen_short_conv(x[0], weight, conv_state, cu_seqlens, activation == "silu")
+        return y[None], new_state
     dev = x.device
     cu = cu_seqlens.to(dev, torch.long)
     N, total = cu.numel() - 1, x.shape[1]
