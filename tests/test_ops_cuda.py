@@ -87,18 +87,19 @@ def decode_case(op: str, varlen: bool) -> tuple[float, float]:
     return compare(op, make_inputs(op, B, T, seed=4), h0, cu, mode="auto", ref_mode="recurrent")
 
 
-def conv_case(varlen: bool) -> tuple[float, float]:
+def conv_case(varlen: bool, with_state: bool = True) -> tuple[float, float]:
+    """Rows of x are strided (a slice of a wider projection), as the layers pass them."""
     gen = torch.Generator().manual_seed(5)
     C, W = 96, 4
-    lens = [3, 50, 1, 20]
+    lens = [3, 50, 1, 20, 130, 2]
     B, T, cu = (1, sum(lens), offsets(lens)) if varlen else (3, 40, None)
     N = len(lens) if varlen else B
-    x = torch.randn(B, T, C, generator=gen).bfloat16()
+    x = torch.randn(B, T, C + 8, generator=gen).bfloat16()[..., :C]
     w = torch.randn(C, W, generator=gen)
-    state = torch.randn(N, C, W - 1, generator=gen).bfloat16()
-    y_ref, s_ref = short_conv(x.float(), w, conv_state=state.float(), cu_seqlens=cu)
+    state = torch.randn(N, C, W - 1, generator=gen).bfloat16() if with_state else None
+    y_ref, s_ref = short_conv(x.float(), w, conv_state=None if state is None else state.float(), cu_seqlens=cu)
     cu_cuda = None if cu is None else cu.cuda()
-    y, s = short_conv(x.cuda(), w.cuda(), conv_state=state.cuda(), cu_seqlens=cu_cuda)
+    y, s = short_conv(x.cuda(), w.cuda(), conv_state=None if state is None else state.cuda(), cu_seqlens=cu_cuda)
     assert y.dtype == torch.bfloat16 and y.is_cuda
     return rel(y, y_ref), rel(s, s_ref)
 
@@ -143,8 +144,9 @@ def test_training_gradients_match_cpu(op):
 
 
 @pytest.mark.parametrize("varlen", [False, True])
-def test_short_conv_matches_cpu(varlen):
-    err_y, err_s = conv_case(varlen)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_short_conv_matches_cpu(varlen, with_state):
+    err_y, err_s = conv_case(varlen, with_state)
     assert err_y <= MAX_REL and err_s == 0.0, (err_y, err_s)
 
 
@@ -162,3 +164,39 @@ if __name__ == "__main__":
     for varlen in (False, True):
         errs = conv_case(varlen)
         print(f"short_conv varlen={varlen}: y {errs[0]:.2e} state {errs[1]:.2e}")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_fused_gdn_step_matches_unfused_ops(dtype, tol):
+    """Six decode steps of one GDN layer: the fused kernel against the ops it replaces, on strided
+    rows of one projection, permuted slots and fp32 states. In bf16 both sides round the same
+    values, but not always to the same side, so they agree to a few bf16 steps."""
+    from hyla.runtime.layers.gated_deltanet import gdn_gates, l2_normalize
+    from hyla.runtime.layers.linear_mixer import gated_rms_norm
+    from hyla.runtime.ops.gdn_step_cuda import fused_gdn_step_
+    from hyla.runtime.ops.state_decode import gdn_decode_, short_conv_decode_
+
+    gen = torch.Generator().manual_seed(11)
+    N, Hh, D, W, slots = 3, 4, 64, 4, 5
+
+    def rand(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=gen).to("cuda", dtype)
+
+    conv_w, a_log, dt_bias, norm_w = rand(3 * Hh * D, W), rand(Hh, dtype=torch.float32), rand(Hh), rand(D)
+    idx = torch.tensor([4, 0, 2], device="cuda", dtype=torch.int32)
+    pools = {name: (rand(slots, 3 * Hh * D, W - 1), rand(slots, Hh, D, D, dtype=torch.float32) * 0.1)
+             for name in ("fused", "unfused")}
+    pools["unfused"] = tuple(p.clone() for p in pools["fused"])
+    for _ in range(6):
+        proj = rand(N, 4 * Hh * D + 2 * Hh + 8)[:, 8:]  # strided rows, as split views of a stacked product
+        qkv, gate, a, b = proj.split([3 * Hh * D, Hh * D, Hh, Hh], -1)
+        got = fused_gdn_step_(qkv, gate, a, b, conv_w, *pools["fused"], idx, a_log, dt_bias, norm_w, 1e-6, D**-0.5)
+        conv_state, state = pools["unfused"]
+        y = short_conv_decode_(qkv, conv_w, conv_state, idx)
+        q, k, v = y.view(N, 3, Hh, D).unbind(1)
+        g, beta = gdn_gates.plain(a, b, a_log, dt_bias)
+        o = gdn_decode_(l2_normalize.plain(q), l2_normalize.plain(k), v, g, beta, state, idx, D**-0.5)
+        want = gated_rms_norm.plain(o, norm_w, 1e-6, gate.view(N, Hh, D)).reshape(N, -1)
+        assert rel(got, want) <= tol
+    assert torch.equal(pools["fused"][0], pools["unfused"][0])
+    assert rel(pools["fused"][1], pools["unfused"][1]) <= tol
