@@ -50,6 +50,12 @@ def run(model, dtype: str = "float32", cache_memory: str = "256MiB", **kw) -> LL
     return LLMEngine(model, None, config)
 
 
+@pytest.fixture(scope="module")
+def engines(models):
+    """One default engine per model, shared by the tests (capturing graphs is the slow part)."""
+    return {kind: run(model) for kind, model in models.items()}
+
+
 def greedy_ids(eng: LLMEngine, ps: list[list[int]]) -> list[list[int]]:
     outs = eng.generate(ps, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
     s = eng.stats()
@@ -63,18 +69,19 @@ def test_hf_generate_of_hybrid_runs_cuda(models) -> None:
 
 
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])
-@pytest.mark.parametrize("chunk", [1024, 16])
-def test_greedy_matches_hf_generate_cuda(models, kind, chunk) -> None:
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_greedy_matches_hf_generate_cuda(models, engines, kind, chunk) -> None:
     model = models[kind]
     ps = prompts()
     expected = [hf_greedy(model, p) for p in ps]
-    assert greedy_ids(run(model, max_num_batched_tokens=chunk), ps) == expected
+    eng = engines[kind] if chunk is None else run(model, max_num_batched_tokens=chunk)
+    assert greedy_ids(eng, ps) == expected
 
 
-def test_preemption_does_not_change_output_cuda(models) -> None:
+def test_preemption_does_not_change_output_cuda(models, engines) -> None:
     model = models["hybrid"]
     ps = prompts(seed=1)
-    alone = [greedy_ids(run(model), [p])[0] for p in ps]
+    alone = [greedy_ids(engines["hybrid"], [p])[0] for p in ps]
     tiny = run(model, cache_memory="3MiB", max_model_len=160, max_num_batched_tokens=32, max_num_seqs=32)
     assert greedy_ids(tiny, ps) == alone
     assert tiny.stats().num_preemptions > 0
@@ -93,10 +100,10 @@ def test_bf16_sanity_cuda(models) -> None:
 
 
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])
-def test_graph_replay_matches_eager_cuda(models, kind) -> None:
+def test_graph_replay_matches_eager_cuda(models, engines, kind) -> None:
     """Decode through captured CUDA graphs (batches padded to their bucket) gives the eager tokens."""
     ps = prompts(seed=3)
-    graphs = run(models[kind], max_num_seqs=8)
+    graphs = engines[kind]
     assert graphs.runner.graphs is not None and 5 not in graphs.runner.graphs.buckets  # 5 rows pad to 8
     eager = run(models[kind], max_num_seqs=8, enforce_eager=True)
     assert eager.runner.graphs is None
