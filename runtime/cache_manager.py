@@ -20,6 +20,7 @@ token is computed: an exact repeat of a prompt resumes from the last checkpoint 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hyla.runtime.block_manager import BlockManager
@@ -90,9 +91,10 @@ class CacheManager:
 
     # ---- lookup and admission -------------------------------------------------------------------
 
-    def lookup(self, seq: Sequence) -> Hit:
+    def lookup(self, seq: Sequence, peers: Iterable[Sequence] = ()) -> Hit:
         """The longest cached prefix `seq` can start from (nothing is taken yet); sets where past it
-        `seq` should keep a point: where its prompt stops agreeing with cached tokens."""
+        `seq` should keep a point: where its prompt stops agreeing with cached tokens or with the
+        prompts of `peers` (requests waiting behind it, which can then start from there)."""
         request = seq.request
         limit = seq.num_tokens - 1
         if request.prompt_logprobs is not None:  # positions whose log-probabilities are still missing
@@ -115,6 +117,9 @@ class CacheManager:
                         and tuple(seq.token_ids[k * bs : position]) == point.tail):
                     best = Hit(position, matched[:k] + ([point.block] if point.tail else []), point)
         shared = self._shared_length(seq, keys, len(matched), limit)
+        for peer in peers:
+            if peer.request is not seq.request:
+                shared = max(shared, min(common_prefix(seq.token_ids, peer.token_ids), limit))
         seq.keep_at = shared if shared > max(best.position, self.block_size) else 0
         return best
 
@@ -123,14 +128,8 @@ class CacheManager:
         continuation of them starts with (at most `limit`)."""
         bs = self.block_size
         mine = seq.token_ids[full * bs : (full + 1) * bs]
-        common = 0
-        for tokens in self.cache.continuations(keys[full - 1] if full else self.cache.salt):
-            n = 0
-            for a, b in zip(tokens, mine):
-                if a != b:
-                    break
-                n += 1
-            common = max(common, n)
+        conts = self.cache.continuations(keys[full - 1] if full else self.cache.salt)
+        common = max((common_prefix(tokens, mine) for tokens in conts), default=0)
         return min(full * bs + common, limit)
 
     def can_admit(self, seq: Sequence, num_tokens: int, hit: Hit | None = None) -> bool:
@@ -276,3 +275,17 @@ class CacheManager:
             self._point_rows -= 1
         if point.block is not None:
             self.blocks.free([point.block])
+
+
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    """How many leading tokens `a` and `b` share (slices compared by bisection: C speed on long prompts)."""
+    if type(a) is not type(b):
+        a, b = tuple(a), tuple(b)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

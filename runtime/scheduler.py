@@ -3,8 +3,9 @@
 Each step, running sequences (oldest first) get their next tokens (one for decode, a chunk of the
 prompt for prefill) until `max_num_batched_tokens` is used; then waiting sequences are admitted
 while a state slot, `max_num_seqs` and KV blocks allow, each starting after the longest prefix the
-prefix cache holds for it (its snapshot copied into its slot). Prefill chunks end where the cache
-manager keeps snapshots. When KV blocks run out, the newest running
+prefix cache holds for it (its snapshot copied into its slot). A prompt sharing a prefix with
+requests waiting behind it keeps a point where they diverge, and they wait a step or more for it
+rather than compute the prefix again. Prefill chunks end where the cache manager keeps snapshots. When KV blocks run out, the newest running
 sequences are preempted: their blocks and slot are freed and they wait to be recomputed. The
 scheduler owns the `CacheManager`, so every cache change goes through it.
 """
@@ -48,6 +49,12 @@ class SchedulerOutput:
     def is_decode(self) -> bool:
         """Every chunk is one new token of a sequence past its prompt."""
         return all(c.num_tokens == 1 and c.start >= c.seq.request.num_prompt_tokens for c in self.chunks)
+
+
+PEER_WINDOW = 8
+"""Waiting requests a newly admitted prompt compares itself with: the prefix it shares with any of
+them is kept as a point, and they wait for it (lm-eval's endings of one context, a burst of chats
+with one system prompt)."""
 
 
 class Scheduler:
@@ -97,14 +104,18 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out
-        while self.waiting and budget:
-            seq = self.waiting[0]
+        j = 0
+        while j < len(self.waiting) and budget:
+            seq = self.waiting[j]
+            if self._awaits_leader(seq):
+                j += 1
+                continue
             reserved = len(self.running) + sum(len(s.spare_slots) for s in self.running)
-            hit = self.cache.lookup(seq)
+            hit = self.cache.lookup(seq, self.waiting[j + 1 : j + 1 + PEER_WINDOW])
             n = self.cache.chunk_size(seq, hit.position, min(seq.num_tokens - hit.position, budget))
             if reserved + seq.slots_needed > self.max_num_seqs or not self.cache.can_admit(seq, n, hit):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(j)
             out.block_copies += self.cache.admit(seq, n, hit)
             if hit.point is not None and hit.point.row is not None:
                 out.state_copies.append((hit.point.row, seq.slot))
@@ -112,6 +123,16 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, hit.position, n))
             budget -= n
         return out
+
+    def _awaits_leader(self, seq: Sequence) -> bool:
+        """Whether a running prompt is computing a prefix `seq` shares and will keep a point at its end:
+        `seq` then waits for that point instead of computing the prefix again."""
+        for leader in self.running:
+            at = leader.keep_at
+            if (at > leader.num_computed and leader.request is not seq.request and len(seq.token_ids) > at
+                    and seq.token_ids[:at] == leader.token_ids[:at]):
+                return True
+        return False
 
     def _preempt(self, seq: Sequence) -> None:
         """Free everything `seq` holds; it is recomputed from its tokens when readmitted."""

@@ -83,8 +83,9 @@ def test_shared_system_prompt_different_questions(models, kind) -> None:
     eng, outs = compare(models[kind], [first, rest])
     assert outs[0].num_cached_tokens == 0
     hit = 48 if kind == "teacher" else 32  # teacher: the shared full blocks; hybrid: the last checkpoint
-    assert [o.num_cached_tokens for o in outs[1:]] == [hit] * 3
-    assert eng.stats().prefix_cache_hits_total == 3 * hit
+    # the first of the wave keeps a point where its companions diverge from it, and they start there
+    assert [o.num_cached_tokens for o in outs[1:]] == [hit, 60, 60]
+    assert eng.stats().prefix_cache_hits_total == hit + 120
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -185,6 +186,24 @@ def test_scoring_only_continuations_reuses_the_cached_context(models, kind) -> N
     assert [o.num_cached_tokens for o in on[2:]] == [44, 44]  # the row predicting token 45 is computed
     for a, b in zip(on, off):
         assert a.prompt_logprobs[:45] == [None] * 45
+        for x, y in zip(a.prompt_logprobs[45:], b.prompt_logprobs[45:]):
+            assert x.keys() == y.keys() and all(abs(x[t][0] - y[t][0]) < 1e-5 for t in x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_endings_sent_together_wait_for_the_first_to_keep_the_context(models, kind) -> None:
+    """lm-eval sends a context's endings at once: the first computes the context and keeps a point
+    where they diverge, the others wait for it and start there (a shared prefix of a system prompt
+    sent in a burst works the same way). Requests that share nothing are not held back."""
+    context = tokens(45, 18)
+    scoring = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=1, prompt_logprobs_from=45)
+    wave = [(context + tokens(4 + i, 19 + i), scoring) for i in range(4)] + [(tokens(30, 40), GREEDY)]
+    eng, on = run_waves(models[kind], [wave], True)
+    _, off = run_waves(models[kind], [wave], False)
+    assert_only_cached_left(eng, on)
+    assert [o.num_cached_tokens for o in on] == [0, 44, 44, 44, 0]
+    assert_same(on[4], off[4])
+    for a, b in zip(on[:4], off):
         for x, y in zip(a.prompt_logprobs[45:], b.prompt_logprobs[45:]):
             assert x.keys() == y.keys() and all(abs(x[t][0] - y[t][0]) < 1e-5 for t in x)
 
