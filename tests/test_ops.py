@@ -101,9 +101,10 @@ def test_recurrent_matches_naive_loop(op):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("gate_scale", [1.0, 8.0])
-def test_chunk_matches_recurrent(op, with_state, gate_scale):
+@pytest.mark.parametrize("length", [40, 157])  # chunks of 16 and of 32 on the CPU
+def test_chunk_matches_recurrent(op, with_state, gate_scale, length):
     fn, make = OPS[op]
-    x = make(2, 157, seed=3)
+    x = make(2, length, seed=3)
     gate = "g" if op == "gdn" else "gk"
     x[gate] = x[gate] * gate_scale  # 8: decays far below exp(-88) within a chunk
     h0 = random_state(2, seed=4) if with_state else None
