@@ -130,11 +130,14 @@ def test_split_with_carried_state_equals_whole(op, mode):
 @pytest.mark.parametrize("mode", ["chunk", "recurrent", "auto"])
 def test_varlen_equals_per_sequence(op, mode):
     fn, make = OPS[op]
-    lens = [5, 70, 1, 131]
+    lens = [5, 70, 0, 1, 131]  # padded in two groups on the CPU ({131, 70} and {5, 1}); an empty one
     x, h0 = make(1, sum(lens), seed=7), random_state(len(lens), seed=8)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     o, s = fn(**x, initial_state=h0, cu_seqlens=cu, mode=mode)
     for n in range(len(lens)):
+        if not lens[n]:
+            torch.testing.assert_close(s[n], h0[n].float())  # an empty sequence keeps its state
+            continue
         o_n, s_n = fn(**slice_t(x, cu[n], cu[n + 1]), initial_state=h0[n : n + 1], mode=mode)
         torch.testing.assert_close(o[:, cu[n] : cu[n + 1]], o_n, **TOL)
         torch.testing.assert_close(s[n : n + 1], s_n, **TOL)

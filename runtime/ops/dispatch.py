@@ -132,34 +132,57 @@ def _run_reference(
     cu_seqlens: Tensor | None,
     output_final_state: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Run a dense fp32 reference kernel, padding a varlen batch to ``[N, max_len, ...]``."""
+    """Run a dense fp32 reference kernel; a varlen batch is padded to ``[n, len, ...]`` per group of
+    sequences of similar length (`_length_groups`), so a short sequence does not pay for a long one."""
     q, v = inputs[0], inputs[2]
-    out_dtype = q.dtype
     xs = [x.float() for x in inputs]
-    idx = valid = None
-    if cu_seqlens is not None:
-        idx, valid = _pad_index(cu_seqlens.to(q.device, torch.long))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    chunked = fn in (chunk_gated_delta_rule, chunk_gla)
+    if cu_seqlens is None:
+        state = xs[0].new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+        o, final = _dense(fn, xs, scale, state, chunk_length(T) if chunked else 0)
+        return o.to(q.dtype), final if output_final_state else None
+    cu = cu_seqlens.to(q.device, torch.long)
+    lens = cu.diff().tolist()
+    unit = chunk_length(max(lens, default=0)) if chunked else 1
+    chunks = [-(-n // unit) for n in lens]
+    o = xs[2].new_zeros(1, T, H, V)
+    final = xs[0].new_zeros(len(lens), H, K, V) if initial_state is None else initial_state.float().clone()
+    for group in _length_groups(chunks):
+        padded = chunks[group[0]] * unit
+        if padded == 0:  # empty sequences keep their state
+            continue
+        sel = torch.tensor(group, device=q.device)
+        steps = torch.arange(padded, device=q.device)
+        valid = steps < cu.diff()[sel, None]
+        idx = (cu[sel, None] + steps).clamp(max=max(T - 1, 0))
         # zero padding after each sequence is an identity step for both recurrences
-        xs = [torch.where(_bcast(valid, x), x[0, idx], 0.0) for x in xs]
-    B, _, H, K = xs[0].shape
-    state = (
-        xs[0].new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float()
-    )
-    chunked = {"chunk_size": chunk_length(xs[0].shape[1])} if fn in (chunk_gated_delta_rule, chunk_gla) else {}
-    with torch.autocast(q.device.type, enabled=False):
-        o, final = fn(*xs, scale, state, **chunked)
-    if valid is not None:
-        o = o[valid][None]
-    return o.to(out_dtype), final if output_final_state else None
+        xg = [torch.where(_bcast(valid, x), x[0, idx], 0.0) for x in xs]
+        og, final[sel] = _dense(fn, xg, scale, final[sel], unit if chunked else 0)
+        o[0, idx[valid]] = og[valid]
+    return o.to(q.dtype), final if output_final_state else None
 
 
-def _pad_index(cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather index ``[N, L]`` into the packed axis and its validity mask."""
-    lens = cu_seqlens.diff()
-    steps = torch.arange(int(lens.max()), device=cu_seqlens.device)
-    valid = steps < lens[:, None]
-    idx = (cu_seqlens[:-1, None] + steps).clamp(max=max(int(cu_seqlens[-1]) - 1, 0))
-    return idx, valid
+def _dense(
+    fn: Callable[..., tuple[Tensor, Tensor]], xs: list[Tensor], scale: float, state: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    kwargs = {"chunk_size": chunk_size} if chunk_size else {}
+    with torch.autocast(xs[0].device.type, enabled=False):
+        return fn(*xs, scale, state, **kwargs)
+
+
+def _length_groups(chunks: list[int]) -> list[list[int]]:
+    """Sequence indices, longest first, in groups padded to their first member's chunk count: a
+    group takes the next sequences while they have at least half of it (their padding at most
+    doubles their work; fewer groups keep the per-call overhead down)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(chunks)), key=lambda i: -chunks[i]):
+        if groups and 2 * chunks[i] >= chunks[groups[-1][0]] > 0:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _bcast(mask: Tensor, x: Tensor) -> Tensor:
