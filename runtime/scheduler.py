@@ -105,9 +105,10 @@ class Scheduler:
         if out.preempted:
             return out
         j = 0
+        leaders = [r for r in self.running if r.keep_at > r.num_computed]
         while j < len(self.waiting) and budget:
             seq = self.waiting[j]
-            if self._awaits_leader(seq):
+            if leaders and self._awaits_leader(seq, leaders):
                 j += 1
                 continue
             reserved = len(self.running) + sum(len(s.spare_slots) for s in self.running)
@@ -120,16 +121,20 @@ class Scheduler:
             if hit.point is not None and hit.point.row is not None:
                 out.state_copies.append((hit.point.row, seq.slot))
             self.running.append(seq)
+            if seq.keep_at > seq.num_computed:
+                leaders.append(seq)
             out.chunks.append(ScheduledChunk(seq, hit.position, n))
             budget -= n
         return out
 
-    def _awaits_leader(self, seq: Sequence) -> bool:
-        """Whether a running prompt is computing a prefix `seq` shares and will keep a point at its end:
-        `seq` then waits for that point instead of computing the prefix again."""
-        for leader in self.running:
+    @staticmethod
+    def _awaits_leader(seq: Sequence, leaders: list[Sequence]) -> bool:
+        """Whether one of `leaders` (running prompts yet to reach their `keep_at`) is computing a prefix
+        `seq` shares and will keep a point at its end: `seq` then waits for that point instead of
+        computing the prefix again."""
+        for leader in leaders:
             at = leader.keep_at
-            if (at > leader.num_computed and leader.request is not seq.request and len(seq.token_ids) > at
+            if (leader.request is not seq.request and len(seq.token_ids) > at
                     and seq.token_ids[:at] == leader.token_ids[:at]):
                 return True
         return False
