@@ -34,7 +34,7 @@ class Sequence:
     """Prefix-cache keys of the leading full blocks of `token_ids` (extended as they are needed)."""
     keep_at: int = 0
     """A position past the prefix-cache hit (and past the first block) where this prompt stops
-    agreeing with cached tokens: a point is kept there (0: none)."""
+    agreeing with cached tokens or with a request waiting behind it: a point is kept there (0: none)."""
     registered_blocks: int = 0
     """Leading blocks of `block_table` already offered to the prefix cache."""
     seed: int = 0

@@ -7,13 +7,12 @@ It is on by default on CUDA only; here it runs on the CPU, where the same bookke
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
 from hyla.runtime.sampling_params import SamplingParams
-from tests.tiny_models import tiny_teacher
+from tests.tiny_models import random_tokens as tokens, tiny_teacher
 
 KINDS = ["teacher", "hybrid"]
 
@@ -22,10 +21,6 @@ KINDS = ["teacher", "hybrid"]
 def models():
     teacher = tiny_teacher("llama")
     return {"teacher": teacher, "hybrid": hybrid_from_teacher(teacher, ["gdn", "attention", "gla", "gdn"], seed=2)}
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def engine(model, async_scheduling: bool, **kw) -> LLMEngine:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.cache_manager import CacheManager
@@ -16,7 +15,7 @@ from hyla.runtime.engine_config import EngineConfig
 from hyla.runtime.prefix_cache import PrefixCache, model_salt
 from hyla.runtime.request import Request, Sequence
 from hyla.runtime.sampling_params import SamplingParams
-from tests.tiny_models import tiny_teacher
+from tests.tiny_models import random_tokens as tokens, tiny_teacher
 
 KINDS = ["teacher", "hybrid"]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
@@ -26,10 +25,6 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
 def models():
     teacher = tiny_teacher("qwen2")
     return {"teacher": teacher, "hybrid": hybrid_from_teacher(teacher, ["gdn", "attention", "gla", "gdn"], seed=1)}
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def engine(model, caching: bool, **kw) -> LLMEngine:

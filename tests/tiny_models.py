@@ -91,3 +91,7 @@ def tiny_tokenizer(vocab_size: int = 320):
     tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    """`n` token ids of the tiny vocabulary (above the special ids), seeded."""
+    return torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

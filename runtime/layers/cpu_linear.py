@@ -70,12 +70,7 @@ class PackedLinear(nn.Linear):
         """Packed weight and bias of `linears` (this layer first) stacked along the output, kept here."""
         key = tuple((_key(m.weight), _key(m.bias)) for m in linears)
         if self._stacked is None or self._stacked[0] != key:
-            weight = torch.cat([m.weight.detach() for m in linears])
-            bias = None
-            if any(m.bias is not None for m in linears):
-                bias = torch.cat([
-                    m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.detach() for m in linears
-                ])
+            weight, bias = concat_parameters(linears)
             self._stacked = (key, pack_weight(weight), bias)
         return self._stacked[1], self._stacked[2]
 
@@ -85,6 +80,16 @@ class PackedLinear(nn.Linear):
         state.pop("_packed", None)
         state.pop("_stacked", None)
         return state
+
+
+@torch.no_grad()
+def concat_parameters(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights of `linears` stacked along the output, and their biases (zeros where a layer has
+    none; None when no layer has one)."""
+    weight = torch.cat([m.weight for m in linears])
+    if all(m.bias is None for m in linears):
+        return weight, None
+    return weight, torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
 
 
 def packed_product(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:

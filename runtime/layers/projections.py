@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyla.runtime.layers.cpu_linear import packed_product
+from hyla.runtime.layers.cpu_linear import concat_parameters, packed_product
 
 
 class Stack(NamedTuple):
@@ -42,11 +42,7 @@ def stack_linears(linears: tuple[nn.Linear, ...]) -> None:
     stack = getattr(linears[0], "stack", None)
     if stack is not None and stack.serves(linears):
         return
-    with torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
-        bias = None
-        if any(m.bias is not None for m in linears):
-            bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+    weight, bias = concat_parameters(linears)
     at = 0
     for m in linears:
         rows = slice(at, at + m.out_features)

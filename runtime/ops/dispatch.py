@@ -16,6 +16,7 @@ from .delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from .gla import chunk_gla, recurrent_gla
 
 RECURRENT_MAX_LEN = 2  # CPU "auto" uses the recurrent form up to this sequence length
+MODES = ("auto", "chunk", "recurrent")
 
 
 def chunk_length(max_len: int) -> int:
@@ -24,7 +25,6 @@ def chunk_length(max_len: int) -> int:
     short prompts (lm-eval endings, prefix-cache suffixes) take 16; longer ones 32, which measured
     faster than 64 from 100 to 4,096 tokens on a 2-core CPU."""
     return 16 if max_len <= 128 else 32
-MODES = ("auto", "chunk", "recurrent")
 
 
 def gated_delta_rule(
@@ -144,7 +144,8 @@ def _run_reference(
         o, final = _dense(fn, xs, scale, state, chunk_length(T) if chunked else 0)
         return o.to(q.dtype), final if output_final_state else None
     cu = cu_seqlens.to(q.device, torch.long)
-    lens = cu.diff().tolist()
+    lens_t = cu.diff()
+    lens = lens_t.tolist()
     unit = chunk_length(max(lens, default=0)) if chunked else 1
     chunks = [-(-n // unit) for n in lens]
     o = xs[2].new_zeros(1, T, H, V)
@@ -155,7 +156,7 @@ def _run_reference(
             continue
         sel = torch.tensor(group, device=q.device)
         steps = torch.arange(padded, device=q.device)
-        valid = steps < cu.diff()[sel, None]
+        valid = steps < lens_t[sel, None]
         idx = (cu[sel, None] + steps).clamp(max=max(T - 1, 0))
         # zero padding after each sequence is an identity step for both recurrences
         xg = [torch.where(_bcast(valid, x), x[0, idx], 0.0) for x in xs]

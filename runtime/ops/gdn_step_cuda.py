@@ -46,7 +46,7 @@ def fused_gdn_step_(
         qkv, gate, a, b, conv_weight, conv_state, state, state_idx, a_log, dt_bias, norm_weight, out,
         qkv.stride(0), gate.stride(0), a.stride(0), b.stride(0), conv_weight.stride(0), conv_weight.stride(1),
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), state.stride(0), state.stride(1),
-        scale, norm_eps, H, D=D, W=W, WP=triton.next_power_of_2(W - 1), num_warps=4 if D <= 64 else 8,
+        scale, norm_eps, L2_EPS, H, D=D, W=W, WP=triton.next_power_of_2(W - 1), num_warps=4 if D <= 64 else 8,
     )
     return out
 
@@ -68,15 +68,15 @@ if triton is not None:
         return (acc * tl.sigmoid(acc)).to(x.dtype), window
 
     @triton.jit
-    def _l2_normalize(x):
+    def _l2_normalize(x, eps):
         xf = x.to(tl.float32)
-        return (x * (1.0 / tl.sqrt(tl.sum(xf * xf, 0) + 1e-6)).to(x.dtype)).to(tl.float32)
+        return (x * (1.0 / tl.sqrt(tl.sum(xf * xf, 0) + eps)).to(x.dtype)).to(tl.float32)
 
     @triton.jit
     def _gdn_step_kernel(
         qkv_ptr, gate_ptr, a_ptr, b_ptr, w_ptr, cs_ptr, s_ptr, idx_ptr, alog_ptr, dtb_ptr, nw_ptr, out_ptr,
         stride_qkv, stride_gate, stride_a, stride_b, stride_wc, stride_ww, stride_cn, stride_cc, stride_cw,
-        stride_sn, stride_sh, scale, eps, H,
+        stride_sn, stride_sh, scale, eps, l2_eps, H,
         D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
     ):
         n = tl.program_id(0)
@@ -95,8 +95,8 @@ if triton is not None:
         tl.store(cs_q, win_q, mask=j < W - 1)
         tl.store(cs_k, win_k, mask=j < W - 1)
         tl.store(cs_v, win_v, mask=j < W - 1)
-        q = _l2_normalize(q)
-        k = _l2_normalize(k)
+        q = _l2_normalize(q, l2_eps)
+        k = _l2_normalize(k, l2_eps)
         a = tl.load(a_ptr + n * stride_a + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
         softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
         g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus

@@ -30,7 +30,6 @@ def varlen_short_conv(
     state ``[N, C, W-1]``, both in x's dtype."""
     total, C = x.shape
     W = weight.shape[1]
-    N = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(x.device, torch.long)
     seq = torch.searchsorted(cu[1:], torch.arange(total, device=x.device), right=True)
     start = cu[seq]
