@@ -34,6 +34,9 @@ def convert(
     data: str = typer.Option(
         "default", help="default (built-in offline corpus), PATH (txt/jsonl/parquet/dir) or hf:NAME[:config]."
     ),
+    extra_data: str = typer.Option(
+        None, help="Training-only text: a corpus folder made by `hyla corpus` (held-out text stays from --data)."
+    ),
     budget: str = typer.Option("quick", help=f"Preset of token counts / lrs / lengths: {', '.join(BUDGETS)}."),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a budget field, e.g. --set stage2_tokens=2e6 --set seq_len=512 (repeatable)."
@@ -52,7 +55,8 @@ def convert(
         args = [f"--teacher={teacher}", f"--out={out}", f"--linear={linear}", f"--softmax-ratio={softmax_ratio}",
                 f"--selection={selection}", f"--data={data}", f"--budget={budget}", f"--device={device}",
                 f"--seed={seed}", *(f"--set={s}" for s in set_), *(["--quiet"] if quiet else []),
-                *([f"--softmax-layers={softmax_layers}"] if softmax_layers is not None else [])]
+                *([f"--softmax-layers={softmax_layers}"] if softmax_layers is not None else []),
+                *([f"--extra-data={extra_data}"] if extra_data else [])]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hyla.convert", *args]
         raise typer.Exit(subprocess.call(cmd))
@@ -62,8 +66,8 @@ def convert(
 
         options = ConvertOptions(
             teacher=teacher, out=out, linear=linear, softmax_layers=softmax_layers, softmax_ratio=softmax_ratio,
-            selection=selection, data=data, budget=budget, overrides=_overrides(set_), seed=seed, device=device,
-            quiet=quiet,
+            selection=selection, data=data, extra_data=extra_data, budget=budget, overrides=_overrides(set_),
+            seed=seed, device=device, quiet=quiet,
         )
         report = run(options)
     except (ValueError, OSError) as exc:
@@ -71,6 +75,62 @@ def convert(
         raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
     if os.environ.get("RANK", "0") == "0":
         typer.echo(str(report))
+
+
+def corpus(
+    teacher: str = typer.Option(..., help="Teacher that writes the samples: alias, HF dir, hub id or .gguf file."),
+    tokens: int = typer.Option(2_000_000, min=1, help="Tokens to reach (prompt + continuation); more resumes."),
+    out: Path = typer.Option(None, help="Corpus folder [default: under the hyla cache, keyed by the settings]."),
+    data: str = typer.Option("default", help="Real text the prompts are cut from (a --data spec of hyla convert)."),
+    prompt_tokens: int = typer.Option(64, min=1, help="Tokens of real text each sample starts from."),
+    max_new_tokens: int = typer.Option(448, min=1, help="Tokens sampled after the prompt (EOS ends earlier)."),
+    temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature."),
+    top_p: float = typer.Option(0.95, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    round_size: int = typer.Option(64, min=1, help="Prompts per round (the unit of resumption)."),
+    seed: int = typer.Option(0, help="Seed of the prompts and of the sampling."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    dtype: str = typer.Option("auto", help="Weights dtype; auto: bfloat16 on CUDA, float32 on CPU."),
+    cache_memory: str = typer.Option("2GiB", help="KV + state cache budget of the engine."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Sample a training corpus from the teacher with hyla's engine (cached, resumable); use it with
+    `hyla convert --extra-data FOLDER`."""
+    from tqdm import tqdm
+
+    from hyla.convert.data import read_documents
+    from hyla.convert.generated import GeneratedCorpus, SamplingPlan, engine_sampler
+    from hyla.runtime.engine import LLMEngine
+    from hyla.runtime.engine_config import EngineConfig
+
+    try:
+        plan = SamplingPlan(teacher=teacher, tokens=tokens, data=data, prompt_tokens=prompt_tokens,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            round_size=round_size, seed=seed)
+        folder = out or plan.default_folder()
+        corpus = GeneratedCorpus(folder, plan)
+        if not corpus.done:
+            resolve(teacher)
+            if quiet:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+            if dtype == "auto":
+                dtype = "bfloat16" if device.startswith("cuda") else "float32"
+            length = prompt_tokens + max_new_tokens
+            engine = LLMEngine.from_config(EngineConfig(
+                model=teacher, device=device, dtype=dtype, max_num_seqs=round_size, max_model_len=length,
+                max_num_batched_tokens=max(length, 4096), cache_memory=cache_memory, enable_prefix_caching=False,
+            ))
+            docs = read_documents(data, tokens)
+            with tqdm(total=tokens, initial=min(tokens, corpus.meta["tokens"]), unit="tok", disable=quiet,
+                      desc="corpus") as bar:
+                corpus.build(docs, engine.tokenizer, engine_sampler(engine), bar.update)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
+    m = corpus.meta
+    typer.echo(f"{folder}: {m['samples']:,} samples, {m['tokens']:,} tokens, {m['dropped']:,} dropped "
+               f"({m['rounds']} rounds)")
 
 
 def main() -> None:

@@ -4,6 +4,9 @@ A data spec is `default` (the built-in offline corpus), a local path (`.txt`: do
 a blank line; `.jsonl`: a `text` field per line; `.parquet`: a `text` column; a folder: all of those
 inside it), or `hf:NAME[:config]` (a `datasets` hub dataset, streamed, `text` column). Tokenised blocks
 are cached under `cache_root()/data/<key>/`, keyed by spec, file stamps, tokenizer and lengths.
+
+`extra` names a corpus folder of teacher samples (`hyla corpus`, :mod:`hyla.convert.generated`):
+its samples join the training split only, minus those whose prompt came from a held-out document.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from hyla.convert.corpus import builtin_documents
+from hyla.convert.generated import META, document_id, read_samples
 from hyla.assets import cache_root
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -94,6 +98,13 @@ def _source_stamp(spec: str) -> str:
     return json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in _local_files(Path(spec))])
 
 
+def _extra_stamp(folder: Path) -> str:
+    meta = folder / META
+    if not meta.is_file():
+        raise FileNotFoundError(f"{folder} is not a generated corpus (no {META}); make one with `hyla corpus`")
+    return meta.read_text()
+
+
 def read_documents(spec: str, max_tokens: int) -> list[str]:
     """The documents a data spec names."""
     if spec == "default":
@@ -117,11 +128,14 @@ def prepare_blocks(
     heldout_tokens: int,
     train_tokens: int,
     seed: int = 0,
+    extra: str | None = None,
 ) -> TokenBlocks:
-    """Tokenised, packed and split data for a spec (cached on disk)."""
+    """Tokenised, packed and split data for a spec, plus training-only samples from `extra` (cached on disk)."""
     vocab = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
     streamed = spec.startswith("hf:") and train_tokens  # how much of a hub dataset was read
     key_src = json.dumps([_source_stamp(spec), vocab, seq_len, heldout_tokens, seed, streamed])
+    if extra:
+        key_src += _extra_stamp(Path(extra))
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     folder = cache_root() / "data" / key
     if (folder / "meta.json").is_file():
@@ -142,7 +156,15 @@ def prepare_blocks(
         raise ValueError(
             f"data {spec!r} is too small: a held-out split of {heldout_tokens} tokens leaves no training data"
         )
-    heldout, train = pack([ids[i] for i in sorted(held)], seq_len), pack([ids[i] for i in sorted(order)], seq_len)
+    train_docs = [ids[i] for i in sorted(order)]
+    extra_meta = {}
+    if extra:
+        held_sources = {document_id(docs[i]) for i in held}
+        rows = list(read_samples(Path(extra)))
+        kept = [row["text"] for row in rows if row["source"] not in held_sources]
+        train_docs += [seq + [eos] for seq in tokenizer(kept, add_special_tokens=False)["input_ids"]] if kept else []
+        extra_meta = {"extra": str(extra), "extra_samples": len(kept), "extra_left_out": len(rows) - len(kept)}
+    heldout, train = pack([ids[i] for i in sorted(held)], seq_len), pack(train_docs, seq_len)
     heldout = heldout[: max(1, heldout_tokens // seq_len)]
     if train.shape[0] == 0:
         raise ValueError(f"data {spec!r} is too small for one training block of {seq_len} tokens")
@@ -154,6 +176,7 @@ def prepare_blocks(
         "heldout_tokens": heldout.numel(),
         "seq_len": seq_len,
         "cache": str(folder),
+        **extra_meta,
     }
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ class ConvertOptions:
     softmax_ratio: float = 0.25
     selection: str = "kl-guided"
     data: str = "default"
+    extra_data: str | None = None
+    """A generated corpus folder (`hyla corpus`) whose samples join the training split."""
     budget: str = "quick"
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
@@ -55,6 +57,8 @@ class ConvertOptions:
         d = dataclasses.asdict(self)
         for key in ("out", "device", "quiet"):
             d.pop(key)
+        if d["extra_data"] is None:  # settings of runs made before the option existed stay equal
+            d.pop("extra_data")
         return d
 
 
@@ -155,7 +159,7 @@ class Pipeline:
     def _data(self):
         b = self.budget
         needed = (b.stage1_tokens + b.stage2_tokens + b.stage3_tokens) or b.heldout_tokens
-        args = (self.opt.data, self.tokenizer, b.seq_len, b.heldout_tokens, needed, self.opt.seed)
+        args = (self.opt.data, self.tokenizer, b.seq_len, b.heldout_tokens, needed, self.opt.seed, self.opt.extra_data)
         if self.dist.is_main:
             blocks = prepare_blocks(*args)
         self.dist.barrier()

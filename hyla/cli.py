@@ -68,6 +68,8 @@ class HylaGroup(LazyGroup):
          "Serve a model over OpenAI-compatible HTTP (/v1/completions, /v1/chat/completions) and gRPC."),
         ("convert", "hyla.convert.cli:convert",
          "Convert TEACHER into a hybrid: data, stage 1, layer selection, stage 2, (stage 3), export."),
+        ("corpus", "hyla.convert.cli:corpus",
+         "Sample a training corpus from the teacher with hyla's engine (cached, resumable)."),
         ("eval", "hyla.evals.cli:eval_app",
          "Quality: lm-eval suites on offline benchmarks, recall probes, perplexity, quality-vs-latency report."),
     )
