@@ -12,7 +12,7 @@ from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.layers.projections import project_groups, stack_linears, stack_projections
 from tests.tiny_models import tiny_teacher
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def hybrid(family: str) -> nn.Module:
