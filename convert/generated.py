@@ -140,7 +140,9 @@ class GeneratedCorpus:
             continuations = generate([p for _, p in prompts], self.plan, self.plan.seed * 1_000_003 + index)
             rows, added = [], 0
             for (doc, prompt), completion in zip(prompts, continuations):
-                text = tokenizer.decode(prompt + completion, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                text = tokenizer.decode(
+                    prompt + completion, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
                 key = document_id(text)
                 if key in seen or distinct_4gram_share(completion) < self.plan.min_distinct_4grams:
                     self.meta["dropped"] += 1
@@ -177,7 +179,9 @@ def engine_sampler(engine) -> Generate:
 
     def generate(prompts: list[list[int]], plan: SamplingPlan, seed: int) -> list[list[int]]:
         params = [
-            SamplingParams(max_tokens=plan.max_new_tokens, temperature=plan.temperature, top_p=plan.top_p, seed=seed + i)
+            SamplingParams(
+                max_tokens=plan.max_new_tokens, temperature=plan.temperature, top_p=plan.top_p, seed=seed + i
+            )
             for i in range(len(prompts))
         ]
         return [list(out.outputs[0].token_ids) for out in engine.generate(prompts, params)]

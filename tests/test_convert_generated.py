@@ -28,7 +28,8 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(teacher: Path) -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(model=str(teacher), max_num_seqs=4, max_model_len=64, cache_memory="64MiB"))
+    config = EngineConfig(model=str(teacher), max_num_seqs=4, max_model_len=64, cache_memory="64MiB")
+    return LLMEngine.from_config(config)
 
 
 @pytest.fixture(scope="module")
