@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -22,6 +24,17 @@ def _overrides(items: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"--set needs KEY=VALUE, got {item!r}")
         pairs[key.strip().replace("-", "_")] = value.strip()
     return pairs
+
+
+@contextlib.contextmanager
+def _errors_as_one_line() -> Iterator[None]:
+    """Bad input (`ValueError`, `OSError`) ends the command with one line on stderr and exit code 2
+    (a model that cannot be loaded: its own code)."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
 
 
 def convert(
@@ -60,7 +73,7 @@ def convert(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hyla.convert", *args]
         raise typer.Exit(subprocess.call(cmd))
-    try:
+    with _errors_as_one_line():
         resolve(teacher)  # a teacher that names nothing fails before torch is imported
         from hyla.convert.pipeline import ConvertOptions, convert as run
 
@@ -70,9 +83,6 @@ def convert(
             seed=seed, device=device, quiet=quiet,
         )
         report = run(options)
-    except (ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
     if os.environ.get("RANK", "0") == "0":
         typer.echo(str(report))
 
@@ -101,8 +111,9 @@ def corpus(
     from hyla.convert.generated import GeneratedCorpus, SamplingPlan, engine_sampler
     from hyla.runtime.engine import LLMEngine
     from hyla.runtime.engine_config import EngineConfig
+    from hyla.runtime.loading import default_dtype
 
-    try:
+    with _errors_as_one_line():
         plan = SamplingPlan(teacher=teacher, tokens=tokens, data=data, prompt_tokens=prompt_tokens,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             round_size=round_size, seed=seed)
@@ -115,7 +126,7 @@ def corpus(
 
                 hf_logging.disable_progress_bar()
             if dtype == "auto":
-                dtype = "bfloat16" if device.startswith("cuda") else "float32"
+                dtype = default_dtype(device)
             length = prompt_tokens + max_new_tokens
             engine = LLMEngine.from_config(EngineConfig(
                 model=teacher, device=device, dtype=dtype, max_num_seqs=round_size, max_model_len=length,
@@ -125,9 +136,6 @@ def corpus(
             with tqdm(total=tokens, initial=min(tokens, corpus.meta["tokens"]), unit="tok", disable=quiet,
                       desc="corpus") as bar:
                 corpus.build(docs, engine.tokenizer, engine_sampler(engine), bar.update)
-    except (ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
     m = corpus.meta
     typer.echo(f"{folder}: {m['samples']:,} samples, {m['tokens']:,} tokens, {m['dropped']:,} dropped "
                f"({m['rounds']} rounds)")

@@ -114,6 +114,11 @@ def read_documents(spec: str, max_tokens: int) -> list[str]:
     return [doc for f in _local_files(Path(spec).expanduser()) for doc in _read_file(f)]
 
 
+def _tokenize(tokenizer: PreTrainedTokenizerBase, docs: list[str], eos: int) -> list[list[int]]:
+    """Each document's tokens, then EOS."""
+    return [seq + [eos] for seq in tokenizer(docs, add_special_tokens=False)["input_ids"]] if docs else []
+
+
 def pack(docs: list[list[int]], seq_len: int) -> torch.Tensor:
     """Concatenate token lists and cut them into `[N, seq_len]` blocks (the tail is dropped)."""
     flat = torch.tensor([t for doc in docs for t in doc], dtype=torch.long)
@@ -145,7 +150,7 @@ def prepare_blocks(
     if not docs:
         raise ValueError(f"data {spec!r} holds no documents")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids = [seq + [eos] for seq in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+    ids = _tokenize(tokenizer, docs, eos)
     order = list(range(len(ids)))
     random.Random(seed).shuffle(order)
     held, total = [], 0
@@ -162,7 +167,7 @@ def prepare_blocks(
         held_sources = {document_id(docs[i]) for i in held}
         rows = list(read_samples(Path(extra)))
         kept = [row["text"] for row in rows if row["source"] not in held_sources]
-        train_docs += [seq + [eos] for seq in tokenizer(kept, add_special_tokens=False)["input_ids"]] if kept else []
+        train_docs += _tokenize(tokenizer, kept, eos)
         extra_meta = {"extra": str(extra), "extra_samples": len(kept), "extra_left_out": len(rows) - len(kept)}
     heldout, train = pack([ids[i] for i in sorted(held)], seq_len), pack(train_docs, seq_len)
     heldout = heldout[: max(1, heldout_tokens // seq_len)]

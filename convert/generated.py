@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hyla.convert.jsonfile import write_json
+
 SAMPLES = "samples.jsonl"
 META = "meta.json"
 
@@ -49,18 +51,25 @@ class SamplingPlan:
         if not 0 < self.top_p <= 1 or self.temperature < 0:
             raise ValueError("top_p must be in (0, 1] and temperature >= 0")
 
-    def same_corpus(self, other: dict) -> bool:
-        """Whether `other` (a stored plan) samples the same text; the token target may differ."""
-        mine = {k: v for k, v in asdict(self).items() if k != "tokens"}
-        return mine == {k: other.get(k) for k in mine}
+    def sampling(self) -> dict:
+        """The settings that decide the text (all but the token target, which only says how much)."""
+        return {k: v for k, v in asdict(self).items() if k != "tokens"}
 
+    def same_corpus(self, other: dict) -> bool:
+        """Whether `other` (a stored plan) samples the same text."""
+        mine = self.sampling()
+        return mine == {k: other.get(k) for k in mine}
 
     def default_folder(self) -> Path:
         """Where the corpus of this plan lives unless told otherwise: the cache, keyed by the settings."""
         from hyla.assets import cache_root
 
-        mine = json.dumps({k: v for k, v in asdict(self).items() if k != "tokens"}, sort_keys=True)
-        return cache_root() / "generated" / hashlib.sha1(mine.encode()).hexdigest()[:16]
+        key = json.dumps(self.sampling(), sort_keys=True)
+        return cache_root() / "generated" / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def round_seed(self, index: int) -> int:
+        """Seed of round `index`: its prompts, and (plus the sample's place) each sample's sampling."""
+        return self.seed * 1_000_003 + index
 
 
 def document_id(text: str) -> str:
@@ -75,7 +84,7 @@ def distinct_4gram_share(tokens: Sequence[int]) -> float:
 def round_prompts(docs: list[list[int]], plan: SamplingPlan, index: int) -> list[tuple[int, list[int]]]:
     """(document index, prompt tokens) of round `index`: documents long enough for a prompt, drawn
     with a generator seeded by the plan's seed and the round."""
-    rng = random.Random(plan.seed * 1_000_003 + index)
+    rng = random.Random(plan.round_seed(index))
     usable = [i for i, d in enumerate(docs) if len(d) >= plan.prompt_tokens]
     if not usable:
         raise ValueError(f"no document has the {plan.prompt_tokens} tokens a prompt needs")
@@ -130,14 +139,13 @@ class GeneratedCorpus:
     ) -> dict:
         """Sample rounds until the corpus holds `plan.tokens` tokens (prompt + continuation); returns meta."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._truncate_partial_round()
+        seen = {document_id(row["text"]) for row in self._recorded_rows()}
         ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
         sources = [document_id(d) for d in docs]
-        seen = {document_id(row["text"]) for row in read_samples(self.folder)}
         while not self.done:
             index = self.meta["rounds"]
             prompts = round_prompts(ids, self.plan, index)
-            continuations = generate([p for _, p in prompts], self.plan, self.plan.seed * 1_000_003 + index)
+            continuations = generate([p for _, p in prompts], self.plan, self.plan.round_seed(index))
             rows, added = [], 0
             for (doc, prompt), completion in zip(prompts, continuations):
                 text = tokenizer.decode(
@@ -155,22 +163,19 @@ class GeneratedCorpus:
             self.meta.update(
                 rounds=index + 1, samples=self.meta["samples"] + len(rows), tokens=self.meta["tokens"] + added
             )
-            self._write_meta()
+            write_json(self.folder / META, self.meta)
             if progress is not None:
                 progress(added)
         return self.meta
 
-    def _truncate_partial_round(self) -> None:
-        """Drop sample rows past the last recorded round (written by a run killed mid-round)."""
+    def _recorded_rows(self) -> list[dict]:
+        """The rows of the recorded rounds; rows past them (written by a run killed mid-round) are
+        dropped from the file."""
         rows = list(read_samples(self.folder))
         if len(rows) > self.meta["samples"]:
-            keep = rows[: self.meta["samples"]]
-            (self.folder / SAMPLES).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
-
-    def _write_meta(self) -> None:
-        tmp = self.folder / (META + ".tmp")
-        tmp.write_text(json.dumps(self.meta, indent=2))
-        tmp.replace(self.folder / META)
+            rows = rows[: self.meta["samples"]]
+            (self.folder / SAMPLES).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return rows
 
 
 def engine_sampler(engine) -> Generate:

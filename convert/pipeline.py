@@ -21,6 +21,7 @@ from hyla.convert.data import BatchStream, prepare_blocks
 from hyla.convert.distributed import Dist, init_distributed, shutdown
 from hyla.convert.evaluate import TeacherReference, score
 from hyla.convert.finetune import repack, run_finetune
+from hyla.convert.jsonfile import write_json
 from hyla.convert.loop import LoopSettings
 from hyla.convert.probes import ProbeRunner
 from hyla.convert.report import write_report
@@ -93,8 +94,7 @@ class Pipeline:
         if self.dist.is_main:
             self.state.mkdir(parents=True, exist_ok=True)
             path = self.state / f"step_{STEPS.index(step)}_{step}.json"
-            path.with_suffix(".tmp").write_text(json.dumps(summary, indent=2))
-            path.with_suffix(".tmp").rename(path)
+            write_json(path, summary)
         return summary
 
     def _pin_settings(self) -> None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from hyla.convert.jsonfile import write_json
 
 
 def write_report(out: Path, report: dict) -> Path:
     """Write the JSON report and its figure; returns the JSON path."""
     path = out / "conversion_report.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.rename(path)
+    write_json(path, report)
     plot(report, out / "conversion_report.png")
     return path
 

@@ -35,7 +35,7 @@ from hyla.runtime.config import HybridConfig
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
 from hyla.runtime.info import as_hybrid_config, cache_sizes, layer_pattern
-from hyla.runtime.loading import load_config, load_model, load_tokenizer, parse_dtype
+from hyla.runtime.loading import default_dtype, load_config, load_model, load_tokenizer, parse_dtype
 from hyla.runtime.sampling_params import SamplingParams
 
 VLLM_MODEL = "smollm2-135m"
@@ -236,7 +236,7 @@ def bench_engine(
 ) -> None:
     """Decode / prefill speed of the engine vs its floor, HF generate and vLLM; and the capacity table."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = dtype or default_dtype(device)
     torch_dtype = parse_dtype(dtype)
     ctx_list, batch_list = _ints(contexts), _ints(batch_sizes)
     todo = variants(model, shape, softmax_ratio, device, torch_dtype, seed)

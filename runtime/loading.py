@@ -116,6 +116,11 @@ def parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+def default_dtype(device: str) -> str:
+    """The weights dtype `auto` means on `device`: bfloat16 on CUDA, float32 on CPU."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 def as_hybrid(model: PreTrainedModel) -> PreTrainedModel:
     """A teacher as the all-softmax `HybridForCausalLM` with the same weights; a hybrid as it is."""
     from hyla.runtime.config import HybridConfig

@@ -5,9 +5,10 @@ prompt for prefill) until `max_num_batched_tokens` is used; then waiting sequenc
 while a state slot, `max_num_seqs` and KV blocks allow, each starting after the longest prefix the
 prefix cache holds for it (its snapshot copied into its slot). A prompt sharing a prefix with
 requests waiting behind it keeps a point where they diverge, and they wait a step or more for it
-rather than compute the prefix again. Prefill chunks end where the cache manager keeps snapshots. When KV blocks run out, the newest running
-sequences are preempted: their blocks and slot are freed and they wait to be recomputed. The
-scheduler owns the `CacheManager`, so every cache change goes through it.
+rather than compute the prefix again. Prefill chunks end where the cache manager keeps snapshots.
+When KV blocks run out, the newest running sequences are preempted: their blocks and slot are freed
+and they wait to be recomputed. The scheduler owns the `CacheManager`, so every cache change goes
+through it.
 """
 
 from __future__ import annotations

@@ -108,6 +108,7 @@ def serve(
     from hyla.runtime.engine import LLMEngine
     from hyla.runtime.engine_config import EngineConfig
     from hyla.runtime.load_errors import ModelLoadError
+    from hyla.runtime.loading import default_dtype
     from hyla.serve.app import HylaServer, ServerSettings
 
     if api_key is None and os.environ.get("HYLA_API_KEY") is not None:
@@ -119,7 +120,7 @@ def serve(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype = default_dtype(device)
     try:
         config = EngineConfig(
             model=model, device=device, dtype=dtype, state_dtype=state_dtype, max_model_len=max_model_len,
