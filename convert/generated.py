@@ -148,9 +148,7 @@ class GeneratedCorpus:
             continuations = generate([p for _, p in prompts], self.plan, self.plan.round_seed(index))
             rows, added = [], 0
             for (doc, prompt), completion in zip(prompts, continuations):
-                text = tokenizer.decode(
-                    prompt + completion, skip_special_tokens=True, clean_up_tokenization_spaces=False
-                )
+                text = tokenizer.decode(prompt + completion, skip_special_tokens=True)
                 key = document_id(text)
                 if key in seen or distinct_4gram_share(completion) < self.plan.min_distinct_4grams:
                     self.meta["dropped"] += 1

@@ -84,9 +84,24 @@ def load_tokenizer(name: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {_reason(exc)}") from exc
+    _skip_bpe_cleanup(tok)
+    return tok
+
+
+def _skip_bpe_cleanup(tok: PreTrainedTokenizerBase) -> None:
+    """A BPE tokenizer whose config asks for `clean_up_tokenization_spaces` gets it turned off: the
+    tokenizer ignores it on every decode anyway (the clean-up would corrupt BPE text) and warns that
+    it does, which would be the first line a server prints on its first request."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if (
+        tok.clean_up_tokenization_spaces
+        and type(getattr(backend, "model", None)).__name__ == "BPE"
+        and not getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    ):
+        tok.clean_up_tokenization_spaces = False
 
 
 def load_model(

@@ -68,3 +68,15 @@ def test_skip_special_tokens(tok) -> None:
     feed(kept, ids)
     feed(skipped, ids)
     assert skipped.text == "hello" and kept.text == "hello</s>"
+
+
+def test_a_bpe_tokenizer_asking_for_clean_up_decodes_as_is_without_warning(capfd) -> None:
+    """SmolLM2's config asks for `clean_up_tokenization_spaces`, which its BPE tokenizer ignores with
+    a warning on the first decode; the loaded tokenizer has it off, so text and silence agree."""
+    from hyla.runtime.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    assert tok.clean_up_tokenization_spaces is False
+    text = "Hello , world ! It 's here ."
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    assert "clean_up_tokenization_spaces" not in capfd.readouterr().err
