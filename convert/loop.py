@@ -26,6 +26,9 @@ class StageResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    steady_tokens_per_s: float | None = None
+    """The rate after the first tenth of the steps the last run took (kernel compilation, autotuning
+    and allocator warm-up left out); None when that run took fewer than two steps."""
 
     def summary(self) -> dict:
         return {
@@ -33,6 +36,7 @@ class StageResult:
             "tokens": self.tokens,
             "seconds": round(self.seconds, 2),
             "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+            "steady_tokens_per_s": round(self.steady_tokens_per_s, 1) if self.steady_tokens_per_s else None,
             "final_loss": self.curve[-1][1] if self.curve else None,
             "curve": self.curve,
         }
@@ -89,6 +93,7 @@ def train_loop(
     )
     log_every = max(1, steps // 10)
     began = time.perf_counter() - result.seconds
+    warm_until, warm = start + max(1, (steps - start) // 10), None
     model.train()
     for step in range(start, steps):
         for group, peak in zip(optimizer.param_groups, peaks):
@@ -106,6 +111,10 @@ def train_loop(
         result.tokens += tokens_per_step
         result.seconds = time.perf_counter() - began
         rate = result.tokens / result.seconds
+        if step + 1 == warm_until:
+            warm = (result.tokens, result.seconds)
+        elif warm is not None:
+            result.steady_tokens_per_s = (result.tokens - warm[0]) / (result.seconds - warm[1])
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)
         bar.update(1)
         if quiet and dist.is_main and ((step + 1) % log_every == 0 or step + 1 == steps):

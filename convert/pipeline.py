@@ -22,7 +22,7 @@ from hyla.convert.distributed import Dist, init_distributed, shutdown
 from hyla.convert.evaluate import TeacherReference, score
 from hyla.convert.finetune import repack, run_finetune
 from hyla.convert.jsonfile import write_json
-from hyla.convert.loop import LoopSettings
+from hyla.convert.loop import LoopSettings, StageResult
 from hyla.convert.probes import ProbeRunner
 from hyla.convert.report import write_report
 from hyla.convert.selection import parse_selection, select_layers, softmax_count
@@ -31,6 +31,7 @@ from hyla.convert.stage2 import run_stage2
 from hyla.convert.students import make_student, save_mixers
 from hyla.runtime.config import LINEAR_TYPES
 from hyla.runtime.loading import load_model, load_tokenizer
+from hyla.runtime.ops.fla_backend import training_kernels
 
 STEPS = ("data", "teacher", "stage1", "selection", "stage2", "stage3", "export")
 
@@ -194,6 +195,14 @@ class Pipeline:
             self.opt.quiet,
         )
 
+    def _trained(self, step: str, loss: str, result: StageResult) -> None:
+        """Log and mark a finished training step with its speed and what trained the mixers."""
+        summary = {**result.summary(), "mixer_kernels": training_kernels(self.opt.linear, self.dist.device)}
+        steady = summary["steady_tokens_per_s"]
+        self.log(f"{step}: {loss} {summary['final_loss']} in {result.seconds:.0f}s, {summary['tokens_per_s']:.0f} tok/s"
+                 + (f" ({steady:.0f} once warm)" if steady else "") + f", mixers on {summary['mixer_kernels']}")
+        self.mark(step, summary)
+
     def _stage1(self, train: torch.Tensor) -> Path:
         path = self.out / "stage1" / "mixers.safetensors"
         if self.begin("stage1"):
@@ -205,8 +214,7 @@ class Pipeline:
         result = run_stage1(self.teacher, student, stream, b.stage1_lr, self._loop("stage1", b.steps(b.stage1_tokens)))
         if self.dist.is_main:
             save_mixers(student, path)
-        self.log(f"stage 1: loss {result.summary()['final_loss']} in {result.seconds:.0f}s")
-        self.mark("stage1", result.summary())
+        self._trained("stage1", "loss", result)
         return path
 
     def _selection(self, method, explicit, k, mixers, train, ref) -> list[int]:
@@ -242,8 +250,7 @@ class Pipeline:
         )
         if self.dist.is_main:
             torch.save(student.state_dict(), path)
-        self.log(f"stage 2: KL {result.summary()['final_loss']} in {result.seconds:.0f}s")
-        self.mark("stage2", result.summary())
+        self._trained("stage2", "KL", result)
         return student
 
     def _stage3(self, student, train: torch.Tensor):
@@ -263,7 +270,7 @@ class Pipeline:
         result = run_finetune(student, stream, b.stage3_lr, self._loop("stage3", steps))
         if self.dist.is_main:
             torch.save(student.state_dict(), path)
-        self.mark("stage3", result.summary())
+        self._trained("stage3", "loss", result)
         return student
 
     def _export(self, student, selected: list[int], ref: TeacherReference, began: float) -> Path:

@@ -8,8 +8,8 @@ row is already on the device), and the snapshots of the prefix cache. Cached con
 holds, snapshot points) is evicted, least recently used first, whenever a sequence needs the room.
 
 Prefix caching: full computed blocks are indexed by the hash chain of their tokens. A point is taken
-where the state there is known: every `checkpoint_interval` prompt tokens and at the end of the
-prompt (linear states copied to a snapshot row; the chunked prefill ends there), where a prompt stops
+where the state there is known: every `checkpoint_interval` prompt tokens (but for one that a
+chunk would reach within a quarter interval of its start) and at the end of the prompt (linear states copied to a snapshot row; the chunked prefill ends there), where a prompt stops
 agreeing with tokens cached before or with the requests waiting behind it (so others sharing a system
 prompt of any length resume from its very end), and when a sequence finishes (prompt + answer, for the
 next turn of a chat). A model without linear layers needs points
@@ -169,13 +169,18 @@ class CacheManager:
 
     def chunk_size(self, seq: Sequence, start: int, num_tokens: int) -> int:
         """At most `num_tokens` of `seq` from `start`, ending at the end of the prompt and, for linear
-        layers, at checkpoints, so the states there can be kept."""
+        layers, at checkpoints, so the states there can be kept (one less than a quarter interval
+        past `start`, e.g. just after a prefix hit, is passed over for the next)."""
         prompt_len = seq.request.num_prompt_tokens
         if self.cache is None or start >= prompt_len:
             return num_tokens
         end = prompt_len
         if self.has_state and self.checkpoint_interval:
-            end = min(end, (start // self.checkpoint_interval + 1) * self.checkpoint_interval)
+            interval = self.checkpoint_interval
+            checkpoint = (start // interval + 1) * interval
+            if checkpoint - start < interval // 4:  # so close to the start that a step costs more than it saves
+                checkpoint += interval
+            end = min(end, checkpoint)
         if seq.keep_at > start:
             end = min(end, seq.keep_at)
         return min(num_tokens, end - start)

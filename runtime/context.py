@@ -38,6 +38,9 @@ class ForwardContext:
     """`[B, T]` bool, False on (left) padding tokens, or None when every token is real."""
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     """cos/sin tables for `position_ids`, filled in by the model before the layers run."""
+    max_seq_len: int | None = None
+    """The longest sequence of this pass when the host knows it without a sync (lets linear layers
+    pick their kernel), else None."""
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal softmax attention; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` -> `[B, T, Hq, D]`."""
@@ -75,6 +78,7 @@ class DenseContext(ForwardContext):
         cache: HybridCache | None = None,
     ) -> None:
         self.position_ids = position_ids
+        self.max_seq_len = position_ids.shape[1]
         self.cache = cache
         self.attention_mask = attention_mask
         t = position_ids.shape[1]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hyla.runtime.layers.fusion import fuse_always
 from hyla.runtime.paged_context import PagedContext
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class DecodeGraphs:
         return r.model.lm_head(hidden)
 
     @torch.inference_mode()
+    @fuse_always()
     def capture(self) -> None:
         """Capture every bucket, largest first, sharing one memory pool; record the memory it took."""
         self.inputs[2] = self.runner.pad_slot

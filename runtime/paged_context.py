@@ -54,6 +54,7 @@ class PagedContext(ForwardContext):
         self.meta, self.kv, self.states = meta, kv, states
         self.position_ids = meta.positions[None]
         self.cu_seqlens = meta.cu_seqlens
+        self.max_seq_len = meta.max_query_len
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta

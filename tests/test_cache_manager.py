@@ -91,6 +91,22 @@ def test_cache_manager_admits_forks_and_releases() -> None:
     assert cache.num_free_slots == 3 and cache.blocks.num_used == 0 and parent.slot is None
 
 
+def test_prefill_chunks_end_at_checkpoints_not_just_after_their_start() -> None:
+    from hyla.runtime.prefix_cache import PrefixCache
+    from hyla.runtime.request import Request, Sequence
+    from hyla.runtime.sampling_params import SamplingParams
+
+    cache = CacheManager(num_blocks=64, block_size=4, num_slots=2, prefix_cache=PrefixCache(b"m"), has_state=True,
+                         checkpoint_interval=32, num_snapshot_rows=4)
+    request = Request("r", None, list(range(100)), SamplingParams(max_tokens=1), 0)
+    seq = Sequence(request, 0, list(range(100)), None)
+    assert cache.chunk_size(seq, 0, 1000) == 32  # the first checkpoint
+    assert cache.chunk_size(seq, 20, 1000) == 12  # a quarter interval (8) or more before one: it ends there
+    assert cache.chunk_size(seq, 26, 1000) == 38  # closer (a hit just before it): on to the next one, 64
+    assert cache.chunk_size(seq, 90, 1000) == 10  # the end of the prompt
+    assert cache.chunk_size(seq, 0, 5) == 5  # the step's token budget
+
+
 def test_parse_memory() -> None:
     assert parse_memory("2GiB") == 2 * 2**30
     assert parse_memory("512MiB") == 512 * 2**20

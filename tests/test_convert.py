@@ -75,6 +75,9 @@ def test_report_has_everything(converted: Path) -> None:
     for stage in ("stage1", "stage2"):
         assert report["stages"][stage]["tokens"] > 0 and report["stages"][stage]["curve"]
         assert report["stages"][stage]["tokens_per_s"] > 0
+        assert report["stages"][stage]["mixer_kernels"] == "pytorch"
+        if len(report["stages"][stage]["curve"]) >= 2:
+            assert report["stages"][stage]["steady_tokens_per_s"] > 0
     held = report["heldout"]
     assert set(held) == {"teacher", "untrained_transfer", "result"}
     assert held["result"]["kl"] < held["untrained_transfer"]["kl"]

@@ -41,6 +41,7 @@ def test_cuda_conversion_selects_like_cpu_and_exports_bf16(tmp_path: Path, monke
     held = cuda["heldout"]
     assert held["result"]["kl"] < held["untrained_transfer"]["kl"]
     assert cuda["stages"]["stage2"]["tokens_per_s"] > 0
+    assert cuda["stages"]["stage2"]["mixer_kernels"].startswith(("fla (", "pytorch (fla refused"))
 
     with safe_open(tmp_path / "cuda" / "model.safetensors", framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 (safe_open is no dict)

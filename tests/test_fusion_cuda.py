@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyla.runtime.layers.fusion import fuse_always
 from hyla.runtime.layers.gated_deltanet import gdn_gates, l2_normalize
 from hyla.runtime.layers.linear_mixer import gated_rms_norm
 from hyla.runtime.layers.mlp import silu_mul
@@ -33,7 +34,7 @@ def cases(dtype: torch.dtype, rows: int, seed: int) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_matches_plain_cuda(dtype) -> None:
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    with torch.inference_mode():
+    with torch.inference_mode(), fuse_always():
         for rows, seed in ((1, 0), (37, 1), (256, 2)):  # one compile serves every row count
             for fn, args in cases(dtype, rows, seed).items():
                 got, want = fn(*args), fn.plain(*args)

@@ -5,13 +5,21 @@ activations written as plain PyTorch take several kernels each. `fused(fn)` runs
 `torch.compile` (one dynamic-shape compile per function) when its first argument is a CUDA tensor
 and no gradient is being recorded, and runs the plain function everywhere else — which stays the
 reference the tests compare against. `HYLA_FUSION=0` turns it off.
+
+A compiled call costs more host time than the few plain kernels it replaces (guards, wrappers),
+which only pays where the device, not the host, is the bottleneck: inside a CUDA graph (the host
+work is paid once, at capture; see `fuse_always`) or on large tensors. Eager calls on fewer than
+`MIN_EAGER_NUMEL` elements (a prefill of up to ~4k tokens of a 2k-wide model) run plain.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Callable, TypeVar
 
 import torch
@@ -19,12 +27,27 @@ import torch
 logger = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
 """Compiled variants per function (dtypes, ranks); the default of 8 is too few for a whole model zoo."""
+MIN_EAGER_NUMEL = 1 << 23
+"""Elements of the first argument from which an eager call takes the compiled form: below it the
+plain kernels' device time is smaller than the compiled call's host time."""
+
+_always: ContextVar[bool] = ContextVar("hyla_fuse_always", default=False)
 
 F = TypeVar("F", bound=Callable)
 
 
 def fusion_enabled() -> bool:
     return os.environ.get("HYLA_FUSION", "1") != "0"
+
+
+@contextlib.contextmanager
+def fuse_always() -> Iterator[None]:
+    """Take the compiled form whatever the size (CUDA-graph warm-up and capture)."""
+    token = _always.set(True)
+    try:
+        yield
+    finally:
+        _always.reset(token)
 
 
 def fused(fn: F) -> F:
@@ -35,7 +58,9 @@ def fused(fn: F) -> F:
     @functools.wraps(fn)
     def run(*args: torch.Tensor):
         nonlocal compiled, broken
-        if args[0].is_cuda and not torch.is_grad_enabled() and fusion_enabled() and not broken:
+        x = args[0]
+        if (x.is_cuda and not torch.is_grad_enabled() and fusion_enabled() and not broken
+                and (_always.get() or x.numel() >= MIN_EAGER_NUMEL)):
             if compiled is None:
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 compiled = torch.compile(fn, dynamic=True, fullgraph=True)

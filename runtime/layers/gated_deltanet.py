@@ -73,7 +73,8 @@ class GatedDeltaNet(LinearMixer):
             o = gdn_decode_(q[0], k[0], v[0], g[0], beta[0], slots.recurrent, slots.index, self.head_dim**-0.5)
             return self.project_out(o[None], gate)
         o, state = gated_delta_rule(
-            q, k, v, g, beta, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens
+            q, k, v, g, beta, initial_state=self.recurrent_state(ctx), cu_seqlens=ctx.cu_seqlens,
+            max_len=ctx.max_seq_len,
         )
         ctx.store_linear_state(self.layer_idx, conv_state, state)
         return self.project_out(o, gate)

@@ -16,6 +16,10 @@ from .delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from .gla import chunk_gla, recurrent_gla
 
 RECURRENT_MAX_LEN = 2  # CPU "auto" uses the recurrent form up to this sequence length
+CUDA_RECURRENT_MAX_LEN = 64
+"""CUDA "auto" inference takes fla's one-kernel recurrent form for sequences up to one chunk long:
+the chunked form launches several kernels a layer, whose host time outweighs their device time on
+short prefills (prefix-cache suffixes, chat turns)."""
 MODES = ("auto", "chunk", "recurrent")
 
 
@@ -39,9 +43,11 @@ def gated_delta_rule(
     cu_seqlens: Tensor | None = None,
     output_final_state: bool = True,
     mode: str = "auto",
+    max_len: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gated DeltaNet. q, k ``[B, T, H, K]`` (L2-normalised by the caller), v ``[B, T, H, V]``,
-    log-decay g and beta ``[B, T, H]``. States are fp32 ``[N, H, K, V]``; o has q's dtype."""
+    log-decay g and beta ``[B, T, H]``. States are fp32 ``[N, H, K, V]``; o has q's dtype.
+    ``max_len``, the longest sequence when the caller knows it, lets "auto" pick the kernel."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _check(q, k, v, initial_state, cu_seqlens, mode)
     if _use_fla("gdn", q, k, v, g, beta, initial_state):
@@ -49,7 +55,7 @@ def gated_delta_rule(
 
         return fla_backend.gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
-            output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode),
+            output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode, max_len),
         )
     fn = recurrent_gated_delta_rule if _reference_recurrent(q, cu_seqlens, mode) else chunk_gated_delta_rule
     return _run_reference(fn, (q, k, v, g, beta), scale, initial_state, cu_seqlens, output_final_state)
@@ -66,9 +72,10 @@ def gated_linear_attention(
     cu_seqlens: Tensor | None = None,
     output_final_state: bool = True,
     mode: str = "auto",
+    max_len: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gated linear attention. q, k, per-key-dim log-decay gk ``[B, T, H, K]``, v ``[B, T, H, V]``.
-    States are fp32 ``[N, H, K, V]``; o has q's dtype."""
+    States are fp32 ``[N, H, K, V]``; o has q's dtype. ``max_len`` as for `gated_delta_rule`."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _check(q, k, v, initial_state, cu_seqlens, mode)
     if _use_fla("gla", q, k, v, gk, initial_state):
@@ -76,7 +83,7 @@ def gated_linear_attention(
 
         return fla_backend.gated_linear_attention(
             q, k, v, gk, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
-            output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode),
+            output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode, max_len),
         )
     fn = recurrent_gla if _reference_recurrent(q, cu_seqlens, mode) else chunk_gla
     return _run_reference(fn, (q, k, v, gk), scale, initial_state, cu_seqlens, output_final_state)
@@ -109,12 +116,15 @@ def _use_fla(op: str, q: Tensor, *tensors: Tensor | None) -> bool:
     return fla_backend.trains(op, q.device)
 
 
-def _cuda_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
+def _cuda_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str, max_len: int | None) -> bool:
     if mode != "auto":
         return mode == "recurrent"
     # all sequences hold one token (decode); read from shapes to avoid a device sync
     n_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    return q.shape[0] * q.shape[1] == n_seqs
+    if q.shape[0] * q.shape[1] == n_seqs:
+        return True
+    short = max_len is not None and max_len <= CUDA_RECURRENT_MAX_LEN
+    return short and not (torch.is_grad_enabled() and q.requires_grad)
 
 
 def _reference_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:

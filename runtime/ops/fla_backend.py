@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from importlib import metadata
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,17 @@ def _common(
 
 def _fp32(state: Tensor | None) -> Tensor | None:
     return None if state is None else state.float()
+
+
+def training_kernels(op: str, device: torch.device) -> str:
+    """What backpropagates through `op` on `device`: fla's kernels or the PyTorch reference, with
+    the versions that decided it on CUDA."""
+    if device.type != "cuda":
+        return "pytorch"
+    import triton
+
+    versions = f"fla-core {metadata.version('fla-core')}, triton {triton.__version__}"
+    return f"fla ({versions})" if trains(op, device) else f"pytorch (fla refused: {versions})"
 
 
 @functools.cache
