@@ -58,6 +58,10 @@ def convert(
     seed: int = typer.Option(0, help="Seed of the new parameters and of the data order."),
     nproc: int = typer.Option(1, min=1, help="Processes (one per GPU, or CPU processes with gloo); launches torchrun."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of progress bars."),
+    stage1_from: str = typer.Option(
+        None, help="A finished conversion to take the teacher reference, stage 1 and layer probes from (same "
+        "teacher, data, seed and stage-1/probe budget; K, method and stage-2 budget may differ).",
+    ),
 ) -> None:
     """Convert TEACHER into a hybrid: data, stage 1, layer selection, stage 2, (stage 3), export.
 
@@ -69,7 +73,8 @@ def convert(
                 f"--selection={selection}", f"--data={data}", f"--budget={budget}", f"--device={device}",
                 f"--seed={seed}", *(f"--set={s}" for s in set_), *(["--quiet"] if quiet else []),
                 *([f"--softmax-layers={softmax_layers}"] if softmax_layers is not None else []),
-                *([f"--extra-data={extra_data}"] if extra_data else [])]
+                *([f"--extra-data={extra_data}"] if extra_data else []),
+                *([f"--stage1-from={stage1_from}"] if stage1_from else [])]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "hyla.convert", *args]
         raise typer.Exit(subprocess.call(cmd))
@@ -80,7 +85,7 @@ def convert(
         options = ConvertOptions(
             teacher=teacher, out=out, linear=linear, softmax_layers=softmax_layers, softmax_ratio=softmax_ratio,
             selection=selection, data=data, extra_data=extra_data, budget=budget, overrides=_overrides(set_),
-            seed=seed, device=device, quiet=quiet,
+            seed=seed, device=device, quiet=quiet, stage1_from=stage1_from,
         )
         report = run(options)
     if os.environ.get("RANK", "0") == "0":

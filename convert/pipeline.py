@@ -25,6 +25,7 @@ from hyla.convert.jsonfile import write_json
 from hyla.convert.loop import LoopSettings, StageResult
 from hyla.convert.probes import ProbeRunner
 from hyla.convert.report import write_report
+from hyla.convert.reuse import adopt
 from hyla.convert.selection import parse_selection, select_layers, softmax_count
 from hyla.convert.stage1 import run_stage1
 from hyla.convert.stage2 import run_stage2
@@ -34,6 +35,12 @@ from hyla.runtime.loading import load_model, load_tokenizer
 from hyla.runtime.ops.fla_backend import training_kernels
 
 STEPS = ("data", "teacher", "stage1", "selection", "stage2", "stage3", "export")
+TEACHER_HIDDEN, MIXERS = "teacher/heldout_hidden.pt", "stage1/mixers.safetensors"
+
+
+def step_file(step: str) -> str:
+    """Where a run keeps the mark of a finished step (relative to its folder)."""
+    return f"state/step_{STEPS.index(step)}_{step}.json"
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,12 @@ class ConvertOptions:
     seed: int = 0
     device: str = "cpu"
     quiet: bool = False
+    stage1_from: str | None = None
+    """A conversion whose teacher reference, stage-1 student and probes this one takes over (`reuse`)."""
 
     def settings(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("out", "device", "quiet"):
+        for key in ("out", "device", "quiet", "stage1_from"):
             d.pop(key)
         if d["extra_data"] is None:  # settings of runs made before the option existed stay equal
             d.pop("extra_data")
@@ -81,7 +90,7 @@ class Pipeline:
             print(f"[convert] {msg}", file=sys.stderr, flush=True)
 
     def done(self, step: str) -> dict | None:
-        path = self.state / f"step_{STEPS.index(step)}_{step}.json"
+        path = self.out / step_file(step)
         return json.loads(path.read_text()) if path.is_file() else None
 
     def begin(self, step: str) -> dict | None:
@@ -94,8 +103,7 @@ class Pipeline:
     def mark(self, step: str, summary: dict) -> dict:
         if self.dist.is_main:
             self.state.mkdir(parents=True, exist_ok=True)
-            path = self.state / f"step_{STEPS.index(step)}_{step}.json"
-            write_json(path, summary)
+            write_json(self.out / step_file(step), summary)
         return summary
 
     def _pin_settings(self) -> None:
@@ -117,6 +125,14 @@ class Pipeline:
         if not started:  # nothing done yet: (re)pin, so a run that failed on bad input can be fixed
             path.write_text(json.dumps(settings, indent=2))
 
+    def _adopt_stage1(self) -> None:
+        source = self.opt.stage1_from
+        if source is None or self.done("stage1"):
+            return
+        files = [step_file("data"), step_file("teacher"), step_file("stage1"), TEACHER_HIDDEN, MIXERS]
+        probes = adopt(Path(source), self.out, self.opt.settings(), files, self.opt.selection)
+        self.log(f"teacher reference, stage 1 and {probes} probes taken from {source}")
+
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> Path:
         """Run every unfinished step; returns the report path."""
@@ -124,6 +140,7 @@ class Pipeline:
         try:
             if self.dist.is_main:
                 self._pin_settings()
+                self._adopt_stage1()
             self.dist.barrier()
             if self.begin("export"):
                 self.log(f"{self.out} is already converted; nothing to do")
@@ -166,13 +183,17 @@ class Pipeline:
         self.dist.barrier()
         if not self.dist.is_main:
             blocks = prepare_blocks(*args)
-        if not self.begin("data"):
+        before = self.begin("data")
+        if before is not None and {**before, "cache": None} != {**blocks.meta, "cache": None}:
+            raise ValueError(f"the data came out otherwise than for the steps already done (here or in "
+                             f"--stage1-from): {before} then, {blocks.meta} now")
+        if before is None:
             self.log(f"data: {blocks.meta['train_tokens']:,} train / {blocks.meta['heldout_tokens']:,} held-out tokens")
             self.mark("data", blocks.meta)
         return blocks
 
     def _reference(self, heldout: torch.Tensor) -> TeacherReference:
-        path = self.out / "teacher" / "heldout_hidden.pt"
+        path = self.out / TEACHER_HIDDEN
         if self.begin("teacher") and path.is_file():
             hidden = torch.load(path, map_location=self.dist.device)
             return TeacherReference(heldout, hidden, self.teacher.lm_head.weight.detach())
@@ -204,7 +225,7 @@ class Pipeline:
         self.mark(step, summary)
 
     def _stage1(self, train: torch.Tensor) -> Path:
-        path = self.out / "stage1" / "mixers.safetensors"
+        path = self.out / MIXERS
         if self.begin("stage1"):
             return path
         b = self.budget
@@ -293,6 +314,7 @@ class Pipeline:
                 "linear": self.opt.linear,
                 "layer_types": student.config.layer_types,
                 "settings": self.opt.settings(),
+                "stage1_from": self.opt.stage1_from,
                 "budget": dataclasses.asdict(b),
                 "data": self.done("data"),
                 "selection": self.done("selection"),

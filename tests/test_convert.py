@@ -106,6 +106,34 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(converted: Path, workdir
         convert(_options(workdir, "kl", seed=1))
 
 
+def test_stage1_from_serves_other_budgets_and_methods(converted: Path, workdir: Path) -> None:
+    """A second K and the greedy method start from the first run's stage 1 and probes; a run whose
+    stage 1 would differ is refused before anything is written."""
+    source = json.loads((converted / "conversion_report.json").read_text())
+    began = time.perf_counter()
+    convert(_options(workdir, "kl2", softmax_layers=2, stage1_from=str(converted)))
+    two = json.loads((workdir / "kl2" / "conversion_report.json").read_text())
+    assert two["stage1_from"] == str(converted)
+    assert two["stages"]["stage1"] == source["stages"]["stage1"]  # taken over, not trained again
+    assert two["selection"]["probes"] == source["selection"]["probes"]
+    ranked = sorted(source["selection"]["probes"][0], key=lambda k: source["selection"]["probes"][0][k]["kl"])
+    assert two["selection"]["selected"] == sorted(int(k) for k in ranked[:2])
+    assert (workdir / "kl2" / "stage1" / "mixers.safetensors").read_bytes() == (
+        converted / "stage1" / "mixers.safetensors").read_bytes()
+
+    convert(_options(workdir, "greedy", selection="greedy-iterative", stage1_from=str(converted)))
+    greedy = json.loads((workdir / "greedy" / "conversion_report.json").read_text())
+    assert greedy["selection"]["probes"][0] == source["selection"]["probes"][0]  # round 1 = the same probes
+    assert greedy["selection"]["selected"] == [ESSENTIAL]
+    assert time.perf_counter() - began < 120
+
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        convert(_options(workdir, "seed1", seed=1, stage1_from=str(converted)))
+    assert not (workdir / "seed1" / "stage1").exists()
+    with pytest.raises(ValueError, match="not a conversion"):
+        convert(_options(workdir, "nothing", stage1_from=str(workdir / "teacher")))
+
+
 def test_same_seed_same_layers_and_multiprocess_matches(converted: Path, workdir: Path) -> None:
     """Two processes (gloo): probes fan out, stage 2 under DDP; the selection equals the single run's."""
     args = [
