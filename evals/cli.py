@@ -305,6 +305,64 @@ def report(
     typer.echo(path.read_text())
 
 
+@eval_app.command("study")
+def study(
+    folder: Path = typer.Argument(..., help="The study's folder: one JSON per model; summary.json, README.md and "
+                                            "quality_vs_ratio.png are written anew from them."),
+    models: list[str] = typer.Option(
+        [], "--model", help="First evaluate this model (a conversion's folder, or the teacher) into FOLDER (repeatable)."
+    ),
+    tasks: str = typer.Option("core,recall", help="Comma-separated tasks or suites (quick, core, recall)."),
+    limit: int = typer.Option(500, help="Items per lm-eval task: the first N, the same for every model (0: all)."),
+    recall_lengths: str = typer.Option("512,1024,2048,4096", help="Recall context lengths."),
+    recall_samples: int = typer.Option(20, help="Recall samples per probe and length."),
+    contexts: str = typer.Option("512,2048", help="Context lengths of the decode measurement."),
+    batches: str = typer.Option("1,8", help="Batch sizes of the decode measurement."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per sequence in the decode measurement."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", help="Weights / KV dtype."),
+    cache_memory: str = typer.Option("2GiB", help="KV + state cache budget."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Tokens per engine step."),
+) -> None:
+    """Evaluate the models of a layer-selection study (lm-eval, recall, decode speed) and tabulate them."""
+    from hyla.evals.lm_eval_model import HylaLM
+    from hyla.evals.report import measure_decode
+    from hyla.evals.study import model_entry, softmax_layers_of, summarize
+    from hyla.runtime.engine import LLMEngine
+    from hyla.runtime.engine_config import EngineConfig
+
+    names, lengths = expand_tasks(tasks), [int(n) for n in recall_lengths.split(",")]
+    ctx_list, batch_list = [int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")]
+    folder.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        name = Path(model).name if Path(model).is_dir() else model
+        typer.echo(f"== {name}", err=True)
+        try:
+            engine = LLMEngine.from_config(EngineConfig(
+                model=model, device=device, dtype=dtype, cache_memory=cache_memory,
+                max_num_seqs=max(batch_list + [32]), max_num_batched_tokens=max_num_batched_tokens,
+            ))
+        except (OSError, ValueError) as exc:
+            raise fail(f"cannot load {model!r}: {exc}") from exc
+        try:
+            results = evaluate(HylaLM(engine=engine), names, limit or None, recall_lengths=lengths,
+                               recall_samples=recall_samples, tokenizer=model)
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
+        decode = {f"b{b}@{c}": measure_decode(engine, b, c, new_tokens)
+                  for c in ctx_list for b in batch_list if c + new_tokens <= engine.max_model_len}
+        command = (f"hyla eval study {folder} --model {model} --tasks {tasks} --limit {limit} --recall-lengths "
+                   f"{recall_lengths} --recall-samples {recall_samples} --contexts {contexts} --batches {batches} "
+                   f"--new-tokens {new_tokens} --device {device} --dtype {dtype}")
+        entry = model_entry(name, Path(model), *softmax_layers_of(engine.model.config), results, decode, command, device)
+        (folder / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+        del engine
+    try:
+        typer.echo(summarize(folder).read_text())
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from exc
+
+
 @eval_app.command("perplexity")
 def perplexity(
     model: str = typer.Argument(..., help="The model scored (a hybrid, or any loadable model)."),
