@@ -37,6 +37,13 @@ def _errors_as_one_line() -> Iterator[None]:
         raise typer.Exit(exc.exit_code if isinstance(exc, ModelLoadError) else 2) from None
 
 
+def _no_transformers_bars() -> None:
+    """Quiet runs print log lines only: no bars for loading or saving weights either."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def convert(
     teacher: str = typer.Option(..., help="Teacher: alias (smollm2-135m), HF dir, hub id or .gguf file."),
     out: Path = typer.Option(..., help="Output dir: checkpoint, report and resumable state."),
@@ -81,6 +88,9 @@ def convert(
     with _errors_as_one_line():
         resolve(teacher)  # a teacher that names nothing fails before torch is imported
         from hyla.convert.pipeline import ConvertOptions, convert as run
+
+        if quiet:
+            _no_transformers_bars()
 
         options = ConvertOptions(
             teacher=teacher, out=out, linear=linear, softmax_layers=softmax_layers, softmax_ratio=softmax_ratio,
@@ -127,9 +137,7 @@ def corpus(
         if not corpus.done:
             resolve(teacher)
             if quiet:
-                from transformers.utils import logging as hf_logging
-
-                hf_logging.disable_progress_bar()
+                _no_transformers_bars()
             if dtype == "auto":
                 dtype = default_dtype(device)
             length = prompt_tokens + max_new_tokens
