@@ -81,10 +81,13 @@ def evaluate(
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise fail(f"unknown task(s) {unknown}; available: {sorted(manager.all_tasks)}")
-    return lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-        bootstrap_iters=0, log_samples=False,
-    )
+    try:
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+            bootstrap_iters=0, log_samples=False,
+        )
+    except ValueError as exc:  # bad settings of a task (e.g. recall lengths it does not have)
+        raise fail(str(exc)) from exc
 
 
 def headline(results: dict) -> dict[str, float]:
@@ -344,11 +347,8 @@ def study(
             ))
         except (OSError, ValueError) as exc:
             raise fail(f"cannot load {model!r}: {exc}") from exc
-        try:
-            results = evaluate(HylaLM(engine=engine), names, limit or None, recall_lengths=lengths,
-                               recall_samples=recall_samples, tokenizer=model)
-        except ValueError as exc:
-            raise fail(str(exc)) from exc
+        results = evaluate(HylaLM(engine=engine), names, limit or None, recall_lengths=lengths,
+                           recall_samples=recall_samples, tokenizer=model)
         decode = {f"b{b}@{c}": measure_decode(engine, b, c, new_tokens)
                   for c in ctx_list for b in batch_list if c + new_tokens <= engine.max_model_len}
         command = (f"hyla eval study {folder} --model {model} --tasks {tasks} --limit {limit} --recall-lengths "

@@ -74,3 +74,9 @@ def test_summary_table_comparison_and_plot(study: Path) -> None:
 def test_an_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["eval", "study", str(tmp_path / "none")])
     assert result.exit_code == 2 and "holds no model JSONs" in result.output
+
+
+def test_unsupported_recall_lengths_are_a_clear_error(study: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", "study", str(tmp_path / "out"), "--model", str(study / "teacher"),
+                                      "--tasks", "niah_single", "--recall-lengths", "128", "--cache-memory", "16MiB"])
+    assert result.exit_code == 2 and "unsupported recall lengths [128]" in result.output
