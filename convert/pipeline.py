@@ -219,9 +219,10 @@ class Pipeline:
     def _trained(self, step: str, loss: str, result: StageResult) -> None:
         """Log and mark a finished training step with its speed and what trained the mixers."""
         summary = {**result.summary(), "mixer_kernels": training_kernels(self.opt.linear, self.dist.device)}
-        steady = summary["steady_tokens_per_s"]
-        self.log(f"{step}: {loss} {summary['final_loss']} in {result.seconds:.0f}s, {summary['tokens_per_s']:.0f} tok/s"
-                 + (f" ({steady:.0f} once warm)" if steady else "") + f", mixers on {summary['mixer_kernels']}")
+        rate, steady = summary["tokens_per_s"], summary["steady_tokens_per_s"]
+        self.log(f"{step}: {loss} {summary['final_loss']} in {result.seconds:.0f}s"
+                 + (f", {rate:.0f} tok/s" if rate else "") + (f" ({steady:.0f} once warm)" if steady else "")
+                 + f", mixers on {summary['mixer_kernels']}")
         self.mark(step, summary)
 
     def _stage1(self, train: torch.Tensor) -> Path:
