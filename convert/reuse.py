@@ -48,7 +48,8 @@ def adopt(source: Path, out: Path, settings: dict, files: list[str], method: str
     """Copy `files` (paths relative to a run) and the probes `method` can use from `source` into `out`;
     returns how many probes were taken. Raises ValueError when `source` cannot serve this run."""
     theirs, ours = stage1_settings(source_settings(source)), stage1_settings(settings)
-    diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)}
+    keys = sorted(theirs.keys() | ours.keys())
+    diff = {k: (theirs.get(k), ours.get(k)) for k in keys if theirs.get(k) != ours.get(k)}
     if diff:
         raise ValueError(f"--stage1-from {source}: its stage 1 was made with other settings {diff} (there, here)")
     missing = [f for f in files if not (source / f).is_file()]
@@ -59,7 +60,8 @@ def adopt(source: Path, out: Path, settings: dict, files: list[str], method: str
     dest = PROBE_FOLDERS.get(method)
     if dest is None:
         return 0
-    probes = next((found for folder in PROBE_FOLDERS.values() if (found := sorted((source / folder).glob("layer_*.json")))), [])
+    found = (sorted((source / folder).glob("layer_*.json")) for folder in PROBE_FOLDERS.values())
+    probes = next((files for files in found if files), [])
     for probe in probes:
         _link(probe, out / dest / probe.name)
     return len(probes)

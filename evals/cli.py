@@ -313,7 +313,8 @@ def study(
     folder: Path = typer.Argument(..., help="The study's folder: one JSON per model; summary.json, README.md and "
                                             "quality_vs_ratio.png are written anew from them."),
     models: list[str] = typer.Option(
-        [], "--model", help="First evaluate this model (a conversion's folder, or the teacher) into FOLDER (repeatable)."
+        [], "--model", help="First evaluate this model (a conversion's folder, or the teacher) into FOLDER "
+        "(repeatable).",
     ),
     tasks: str = typer.Option("core,recall", help="Comma-separated tasks or suites (quick, core, recall)."),
     limit: int = typer.Option(500, help="Items per lm-eval task: the first N, the same for every model (0: all)."),
@@ -354,7 +355,8 @@ def study(
         command = (f"hyla eval study {folder} --model {model} --tasks {tasks} --limit {limit} --recall-lengths "
                    f"{recall_lengths} --recall-samples {recall_samples} --contexts {contexts} --batches {batches} "
                    f"--new-tokens {new_tokens} --device {device} --dtype {dtype}")
-        entry = model_entry(name, Path(model), *softmax_layers_of(engine.model.config), results, decode, command, device)
+        layers = softmax_layers_of(engine.model.config)
+        entry = model_entry(name, Path(model), *layers, results, decode, command, device)
         (folder / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
         del engine
     try:
