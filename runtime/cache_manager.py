@@ -9,11 +9,12 @@ holds, snapshot points) is evicted, least recently used first, whenever a sequen
 
 Prefix caching: full computed blocks are indexed by the hash chain of their tokens. A point is taken
 where the state there is known: every `checkpoint_interval` prompt tokens (but for one that a
-chunk would reach within a quarter interval of its start) and at the end of the prompt (linear states copied to a snapshot row; the chunked prefill ends there), where a prompt stops
-agreeing with tokens cached before or with the requests waiting behind it (so others sharing a system
-prompt of any length resume from its very end), and when a sequence finishes (prompt + answer, for the
-next turn of a chat). A model without linear layers needs points
-only where a position ends mid-block (they keep that partial block). A hit is the longest prefix
+chunk would reach within a quarter interval of its start) and at the end of the prompt (linear
+states copied to a snapshot row; the chunked prefill ends there), where a prompt stops agreeing
+with tokens cached before or with the requests waiting behind it (so others sharing a system prompt
+of any length resume from its very end), and when a sequence finishes (prompt + answer, for the
+next turn of a chat). A model without linear layers needs points only where a position ends
+mid-block (they keep that partial block). A hit is the longest prefix
 whose blocks and, for linear layers, state exist at the same position, capped so that at least one
 token is computed: an exact repeat of a prompt resumes from the last checkpoint before its end.
 """

@@ -57,7 +57,7 @@ def gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
             output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode, max_len),
         )
-    fn = recurrent_gated_delta_rule if _reference_recurrent(q, cu_seqlens, mode) else chunk_gated_delta_rule
+    fn = recurrent_gated_delta_rule if _reference_recurrent(q, cu_seqlens, mode, max_len) else chunk_gated_delta_rule
     return _run_reference(fn, (q, k, v, g, beta), scale, initial_state, cu_seqlens, output_final_state)
 
 
@@ -85,7 +85,7 @@ def gated_linear_attention(
             q, k, v, gk, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
             output_final_state=output_final_state, recurrent=_cuda_recurrent(q, cu_seqlens, mode, max_len),
         )
-    fn = recurrent_gla if _reference_recurrent(q, cu_seqlens, mode) else chunk_gla
+    fn = recurrent_gla if _reference_recurrent(q, cu_seqlens, mode, max_len) else chunk_gla
     return _run_reference(fn, (q, k, v, gk), scale, initial_state, cu_seqlens, output_final_state)
 
 
@@ -127,10 +127,11 @@ def _cuda_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str, max_len: in
     return short and not (torch.is_grad_enabled() and q.requires_grad)
 
 
-def _reference_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str) -> bool:
+def _reference_recurrent(q: Tensor, cu_seqlens: Tensor | None, mode: str, max_len: int | None) -> bool:
     if mode != "auto":
         return mode == "recurrent"
-    max_len = q.shape[1] if cu_seqlens is None else int(cu_seqlens.diff().max())
+    if max_len is None:
+        max_len = q.shape[1] if cu_seqlens is None else int(cu_seqlens.diff().max())
     return max_len <= RECURRENT_MAX_LEN
 
 
