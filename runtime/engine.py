@@ -97,13 +97,12 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(cache, plan.num_slots, config.max_num_batched_tokens)
         self.runner = ModelRunner(
-            self.model, plan, dtype, state_dtype, plan.num_slots, use_cuda_graphs=not config.enforce_eager
+            self.model, plan, dtype, state_dtype, plan.num_slots, config.max_num_batched_tokens,
+            use_cuda_graphs=not config.enforce_eager,
         )
         self.capacity_report = plan.report()
         if self.runner.graphs is not None:
-            graphs = self.runner.graphs
-            self.capacity_report += (f"\ncuda graphs: decode batches {graphs.buckets[0]}..{graphs.buckets[-1]} "
-                                     f"({len(graphs.buckets)} sizes, {fmt_bytes(graphs.memory_bytes)})")
+            self.capacity_report += "\n" + self._graphs_report()
         logger.info("%s", self.capacity_report)
         self.outputs = OutputProcessor(self._eos_ids(), self.max_model_len)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else device.type == "cuda"
@@ -113,6 +112,15 @@ class LLMEngine:
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self._prompt_tokens = 0
+
+    def _graphs_report(self) -> str:
+        decode, chunks = self.runner.graphs, self.runner.chunk_graphs
+        text = f"cuda graphs: decode batches {decode.buckets[0]}..{decode.buckets[-1]} ({len(decode.buckets)} sizes"
+        memory = decode.memory_bytes
+        if chunks is not None:
+            text += f"), chunks of up to {chunks.max_tokens} tokens ({len(chunks.keys)} shapes"
+            memory += chunks.memory_bytes
+        return f"{text}; {fmt_bytes(memory)})"
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:

@@ -1,5 +1,5 @@
 """`ModelRunner`: owns the cache tensors, prepares each step's inputs on the device, runs the model
-(eagerly, or a captured CUDA graph for decode) and samples the next tokens on the device."""
+(eagerly, or a captured CUDA graph for decode and small packed steps) and samples the next tokens on the device."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from hyla.runtime.cache_budget import CachePlan
-from hyla.runtime.cuda_graphs import DecodeGraphs
+from hyla.runtime.cuda_graphs import ChunkGraphs, DecodeGraphs
 from hyla.runtime.kv_cache import PagedKVCache
 from hyla.runtime.layers.cpu_linear import pack_linears
 from hyla.runtime.layers.projections import stack_projections
 from hyla.runtime.model import HybridForCausalLM
+from hyla.runtime.ops.paged_attention import triton_supports
 from hyla.runtime.paged_context import PagedContext, StepMetadata
 from hyla.runtime.sampler import sample
 from hyla.runtime.sampling_params import SamplingParams
@@ -92,6 +93,7 @@ class ModelRunner:
         dtype: torch.dtype,
         state_dtype: torch.dtype,
         max_num_seqs: int,
+        max_num_batched_tokens: int,
         use_cuda_graphs: bool,
     ) -> None:
         self.model = model
@@ -112,10 +114,14 @@ class ModelRunner:
         self._pin = self.device.type == "cuda"
         self.drawn = torch.zeros(plan.num_slots, dtype=torch.long, device=self.device)
         """The last step's drawn tokens: inputs the host does not know yet are read from here."""
-        self.graphs = None
+        self.graphs = self.chunk_graphs = None
         if use_cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self, max_num_seqs)
             self.graphs.capture()
+            config = model.config
+            if not config.softmax_layers or triton_supports(dtype, config.head_dim):  # else no graph-safe prefill
+                self.chunk_graphs = ChunkGraphs(self, max_num_seqs, max_num_batched_tokens)
+                self.chunk_graphs.capture(self.graphs.pool)
 
     # ---- input preparation ----------------------------------------------------------------------
 
@@ -188,17 +194,35 @@ class ModelRunner:
             last_rows = list(range(len(chunks)))
             row_of = [[i] if w.logprob_rows else [] for i, w in enumerate(work)]
         else:
-            logits, last_rows, row_of = self._eager(work)
+            logits, last_rows, row_of = self._packed(work)
         return self._draw(work, logits, last_rows, row_of)
 
-    def _eager(self, work: list[ChunkWork]) -> tuple[torch.Tensor, list[int], list[list[int]]]:
-        """Eager forward; logits of each chunk's last row and its log-prob rows only."""
+    def _packed(self, work: list[ChunkWork]) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+        """Packed forward of every chunk (a chunk graph's replay when one fits, else eager); logits of
+        each chunk's last row and its log-prob rows only."""
         chunks = [w.chunk for w in work]
         tokens, positions, offsets = [], [], [0]
         for c in chunks:
             tokens += input_tokens(c)
             positions += range(c.start, c.end)
             offsets.append(offsets[-1] + c.num_tokens)
+        graph = None
+        if self.chunk_graphs is not None:
+            graph = self.chunk_graphs.key(len(chunks), len(tokens), max(c.num_tokens for c in chunks))
+        if graph is not None:
+            hidden = self.chunk_graphs.run(graph, chunks, tokens, positions)
+        else:
+            hidden = self._eager(chunks, tokens, positions)
+        rows, last_rows, row_of = [], [], []
+        for w, start in zip(work, offsets):
+            last_rows.append(len(rows))
+            rows.append(start + w.chunk.num_tokens - 1)
+            row_of.append([len(rows) + i for i in range(len(w.logprob_rows))])
+            rows += [start + r for r in w.logprob_rows]
+        return self.model.lm_head(hidden[self.to_device(rows)]), last_rows, row_of
+
+    def _eager(self, chunks: list[ScheduledChunk], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Final hidden states `[len(tokens), hidden]` of the packed chunks, run eagerly."""
         n, t = len(chunks), len(tokens)
         host = (tokens + positions + [c.seq.slot for c in chunks] + [c.end for c in chunks]
                 + [c.num_tokens for c in chunks])
@@ -208,14 +232,7 @@ class ModelRunner:
         meta = self.metadata(
             ids, pos, slots, lens, qlens, max(c.num_tokens for c in chunks), max(c.end for c in chunks)
         )
-        hidden = self.model.model(ids[None], PagedContext(meta, self.kv, self.states))[0]
-        rows, last_rows, row_of = [], [], []
-        for w, start in zip(work, offsets):
-            last_rows.append(len(rows))
-            rows.append(start + w.chunk.num_tokens - 1)
-            row_of.append([len(rows) + i for i in range(len(w.logprob_rows))])
-            rows += [start + r for r in w.logprob_rows]
-        return self.model.lm_head(hidden[self.to_device(rows)]), last_rows, row_of
+        return self.model.model(ids[None], PagedContext(meta, self.kv, self.states))[0]
 
     def _draw(
         self, work: list[ChunkWork], logits: torch.Tensor, last_rows: list[int], row_of: list[list[int]]

@@ -78,7 +78,7 @@ def serve(
     dtype: str = typer.Option("auto", help="Weights / KV dtype; auto: bfloat16 on cuda, float32 on cpu."),
     state_dtype: str = typer.Option("float32", help="Linear-attention state dtype."),
     enforce_eager: bool = typer.Option(
-        False, "--enforce-eager", help="No CUDA graphs for decode steps (they are captured at start-up on CUDA)."
+        False, "--enforce-eager", help="No CUDA graphs for decode and short prefill steps (they are captured at start-up on CUDA)."
     ),
     async_scheduling: bool | None = typer.Option(
         None, "--async-scheduling/--no-async-scheduling",

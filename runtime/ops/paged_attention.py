@@ -6,8 +6,10 @@ sequence's logical blocks to pool blocks and ``context_lens [N]`` counts its cac
 new ones included). Query head ``i`` uses KV head ``i // G`` (``Hq = G * Hkv``).
 
 CUDA tensors in bf16 / fp16 run Triton kernels (imported on first use); CPU tensors run
-:mod:`.cpu_attention`; everything else runs the PyTorch references, which compute in fp32. The decode path is CUDA-graph safe: its launch grid
-depends only on shapes and the ``max_context_len`` bound, never on tensor values.
+:mod:`.cpu_attention`; everything else runs the PyTorch references, which compute in fp32. The
+decode path is CUDA-graph safe: its launch grid depends only on shapes and the ``max_context_len``
+bound, never on tensor values. So is the Triton prefill (its grid depends on the shapes and
+``max_query_len``), but not the prefill reference, which reads the lengths on the host.
 """
 
 from __future__ import annotations
@@ -123,13 +125,13 @@ def _flat_pool(k_cache: Tensor, v_cache: Tensor, block_size: int) -> tuple[Tenso
     return k_cache, v_cache, block_size
 
 
+def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether CUDA attention in ``dtype`` over heads of ``head_dim`` runs the Triton kernels."""
+    return triton is not None and dtype in _TRITON_DTYPES and head_dim in _TRITON_HEAD_DIMS
+
+
 def _use_triton(q: Tensor, k_cache: Tensor) -> bool:
-    return (
-        q.is_cuda
-        and q.dtype in _TRITON_DTYPES
-        and k_cache.dtype == q.dtype
-        and q.shape[-1] in _TRITON_HEAD_DIMS
-    )
+    return q.is_cuda and k_cache.dtype == q.dtype and triton_supports(q.dtype, q.shape[-1])
 
 
 # ----------------------------------------------------------------------------- references
