@@ -146,8 +146,9 @@ class ChunkGraphs(CapturedSteps):
         self.token_buckets = up_to(CHUNK_TOKEN_BUCKETS, max_num_batched_tokens)
         self.seq_buckets = up_to(CHUNK_SEQ_BUCKETS, max_num_seqs + 1)
         self.max_tokens, self.max_seqs = self.token_buckets[-1], self.seq_buckets[-1]
-        # a step of t tokens has at most t chunks, plus the padding sequence
-        keys = [(t, n) for t in reversed(self.token_buckets) for n in reversed(up_to(tuple(self.seq_buckets), t + 1))]
+        # t tokens come in at least len(pieces(t)) chunks and at most t, plus a scratch sequence
+        keys = [(t, n) for t in reversed(self.token_buckets)
+                for n in reversed(up_to(tuple(self.seq_buckets), t + 1)) if n >= len(pieces(t))]
         super().__init__(runner, keys)
         # per key: ids and positions of every token, then state slots, context and query lengths of every chunk
         self.inputs = {key: self._initial_inputs(*key) for key in keys}
