@@ -66,7 +66,7 @@ def test_graph_keys_hold_every_step_they_take(models) -> None:
     assert graphs.token_buckets == [16, 32, 64, 128, 256, 512] and graphs.seq_buckets == [2, 4, 8, 16]
     for chunks in range(1, 9):
         for tokens in range(chunks, min(512, chunks * CHUNK_MAX_LEN) + 1):
-            key = graphs.key(chunks, tokens, min(tokens, 64))
+            key = graphs.key(chunks, tokens, min(tokens, CHUNK_MAX_LEN))
             if key is None:
                 continue
             t, n = key
@@ -74,5 +74,5 @@ def test_graph_keys_hold_every_step_they_take(models) -> None:
             assert n >= chunks + len(pieces(t - tokens)) and max(pieces(t - tokens)) <= CHUNK_MAX_LEN
     with torch.inference_mode():  # what capturing runs: every graph's initial (scratch) step
         assert all(graphs.forward(key).shape[0] == key[0] for key in graphs.keys)
-    assert graphs.key(1, 65, 65) is None and graphs.key(9, 513, 64) is None
+    assert graphs.key(1, 129, 129) is None and graphs.key(9, 513, 64) is None
     assert graphs.key(16, 300, 64) is None  # 16 chunks and 4 scratch sequences do not fit 16

@@ -16,10 +16,11 @@ from .delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from .gla import chunk_gla, recurrent_gla
 
 RECURRENT_MAX_LEN = 2  # CPU "auto" uses the recurrent form up to this sequence length
-CUDA_RECURRENT_MAX_LEN = 64
-"""CUDA "auto" inference takes fla's one-kernel recurrent form for sequences up to one chunk long:
+CUDA_RECURRENT_MAX_LEN = 128
+"""CUDA "auto" inference takes fla's one-kernel recurrent form for sequences up to two chunks long:
 the chunked form launches several kernels a layer, whose host time outweighs their device time on
-short prefills (prefix-cache suffixes, chat turns)."""
+short prefills (prefix-cache suffixes, chat turns), and reads the chunk layout on the host, which a
+CUDA graph cannot capture."""
 MODES = ("auto", "chunk", "recurrent")
 
 
