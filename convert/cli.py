@@ -66,8 +66,8 @@ def convert(
     nproc: int = typer.Option(1, min=1, help="Processes (one per GPU, or CPU processes with gloo); launches torchrun."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of progress bars."),
     stage1_from: str = typer.Option(
-        None, help="A finished conversion to take the teacher reference, stage 1 and layer probes from (same "
-        "teacher, data, seed and stage-1/probe budget; K, method and stage-2 budget may differ).",
+        None, help="A conversion that finished stage 1 to take the stage-1 student, layer probes and teacher "
+        "reference from (same teacher, data, seed and stage-1/probe budget; K, method and stage-2 budget may differ).",
     ),
 ) -> None:
     """Convert TEACHER into a hybrid: data, stage 1, layer selection, stage 2, (stage 3), export.

@@ -62,7 +62,7 @@ class ConvertOptions:
     device: str = "cpu"
     quiet: bool = False
     stage1_from: str | None = None
-    """A conversion whose teacher reference, stage-1 student and probes this one takes over (`reuse`)."""
+    """A conversion whose stage-1 student, probes and teacher reference this one takes over (`reuse`)."""
 
     def settings(self) -> dict:
         d = dataclasses.asdict(self)
@@ -129,9 +129,10 @@ class Pipeline:
         source = self.opt.stage1_from
         if source is None or self.done("stage1"):
             return
-        files = [step_file("data"), step_file("teacher"), step_file("stage1"), TEACHER_HIDDEN, MIXERS]
-        probes = adopt(Path(source), self.out, self.opt.settings(), files, self.opt.selection)
-        self.log(f"teacher reference, stage 1 and {probes} probes taken from {source}")
+        files = [step_file("data"), step_file("stage1"), MIXERS]
+        probes = adopt(Path(source), self.out, self.opt.settings(), files, self.opt.selection,
+                       optional=[step_file("teacher"), TEACHER_HIDDEN])
+        self.log(f"stage 1 and {probes} probes taken from {source}")
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> Path:

@@ -1,11 +1,13 @@
-"""`--stage1-from RUN`: start a conversion from another run's teacher reference, stage-1 student and
-first-round layer probes.
+"""`--stage1-from RUN`: start a conversion from another run's stage-1 student, first-round layer
+probes and (when RUN still has it) teacher reference.
 
 Those depend on the teacher, the data, the linear type, the seed and the budget's data, stage-1 and
 probe fields, but not on K, the selection method or the stage-2/3 budget. A run that differs from
 RUN only there takes them over instead of recomputing them, so one stage 1 and one probe ranking
 serve every softmax ratio and method of a study. The data are still prepared (from the cache) and
-must come out as RUN's did.
+must come out as RUN's did. What RUN must hold is small — its settings, `state/` step files,
+`stage1/mixers.safetensors` and `probes/` — so a stage 1 moves between machines without the
+teacher's held-out hidden states (hundreds of MB at the larger budgets), which are then recomputed.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ def source_settings(source: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def adopt(source: Path, out: Path, settings: dict, files: list[str], method: str) -> int:
-    """Copy `files` (paths relative to a run) and the probes `method` can use from `source` into `out`;
-    returns how many probes were taken. Raises ValueError when `source` cannot serve this run."""
+def adopt(
+    source: Path, out: Path, settings: dict, files: list[str], method: str, optional: list[str] = ()
+) -> int:
+    """Copy `files` (paths relative to a run), `optional` when all of them are there, and the probes
+    `method` can use from `source` into `out`; returns how many probes were taken. Raises ValueError
+    when `source` cannot serve this run."""
     theirs, ours = stage1_settings(source_settings(source)), stage1_settings(settings)
     keys = sorted(theirs.keys() | ours.keys())
     diff = {k: (theirs.get(k), ours.get(k)) for k in keys if theirs.get(k) != ours.get(k)}
@@ -55,6 +60,8 @@ def adopt(source: Path, out: Path, settings: dict, files: list[str], method: str
     missing = [f for f in files if not (source / f).is_file()]
     if missing:
         raise ValueError(f"--stage1-from {source}: its stage 1 is not finished (missing {', '.join(missing)})")
+    if all((source / f).is_file() for f in optional):
+        files = [*files, *optional]
     for f in files:
         _link(source / f, out / f)
     dest = PROBE_FOLDERS.get(method)

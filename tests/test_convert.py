@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,18 @@ def test_stage1_from_serves_other_budgets_and_methods(converted: Path, workdir: 
     assert greedy["selection"]["probes"][0] == source["selection"]["probes"][0]  # round 1 = the same probes
     assert greedy["selection"]["selected"] == [ESSENTIAL]
     assert time.perf_counter() - began < 120
+
+    trimmed = workdir / "trimmed"  # what moves between machines: no teacher reference, no checkpoints
+    for rel in ("convert_settings.json", "stage1/mixers.safetensors", "state", "probes"):
+        copy = shutil.copytree if (converted / rel).is_dir() else shutil.copy2
+        (trimmed / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy(converted / rel, trimmed / rel)
+    convert(_options(workdir, "kl2-trimmed", softmax_layers=2, stage1_from=str(trimmed)))
+    again = json.loads((workdir / "kl2-trimmed" / "conversion_report.json").read_text())
+    assert (workdir / "kl2-trimmed" / "teacher" / "heldout_hidden.pt").is_file()  # recomputed
+    assert again["selection"]["selected"] == two["selection"]["selected"]
+    assert again["heldout"]["teacher"]["ppl"] == pytest.approx(two["heldout"]["teacher"]["ppl"], rel=1e-4)
+    assert again["heldout"]["result"]["kl"] == pytest.approx(two["heldout"]["result"]["kl"], rel=1e-3)
 
     with pytest.raises(ValueError, match="other settings.*seed"):
         convert(_options(workdir, "seed1", seed=1, stage1_from=str(converted)))
