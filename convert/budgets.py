@@ -1,7 +1,8 @@
 """Token budgets, learning rates and sequence lengths of each conversion step, by preset.
 
-`quick` fits a 135M teacher on a 2-core CPU in well under 15 minutes; `standard` is a single-GPU
-afternoon; `paper` follows the scale of the KL-guided selection paper (stage 1 ≈ 100M tokens, each
+`quick` fits a 135M teacher on a 2-core CPU in well under 15 minutes; `study` is the layer-selection
+study's (SmolLM2-135M on one GPU: about 25 minutes for stage 1 and the probes, then 7 minutes per
+model); `standard` is a single-GPU afternoon; `paper` follows the scale of the KL-guided selection paper (stage 1 ≈ 100M tokens, each
 probe ≈ 0.2B, stage 2 ≈ 0.6B). Every field can be overridden (`hyla convert --set stage2_tokens=1e6`).
 """
 
@@ -72,6 +73,19 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(),
+    "study": Budget(
+        seq_len=1024,
+        batch_size=16,
+        heldout_tokens=262_144,
+        probe_eval_tokens=65_536,
+        stage1_tokens=10_485_760,
+        probe_tokens=524_288,
+        stage2_tokens=20_971_520,
+        stage3_tokens=0,
+        warmup_steps=50,
+        kl_chunk_tokens=4096,
+        checkpoint_every=250,
+    ),
     "standard": Budget(
         seq_len=1024,
         batch_size=16,
