@@ -225,6 +225,8 @@ class Pipeline:
                  + (f", {rate:.0f} tok/s" if rate else "") + (f" ({steady:.0f} once warm)" if steady else "")
                  + f", mixers on {summary['mixer_kernels']}")
         self.mark(step, summary)
+        if self.dist.is_main:  # the stage's result is saved: its resume point is of no more use
+            (self.out / step / "checkpoint.pt").unlink(missing_ok=True)
 
     def _stage1(self, train: torch.Tensor) -> Path:
         path = self.out / MIXERS
@@ -336,6 +338,9 @@ class Pipeline:
             )
         )
         self.mark("export", {"heldout": metrics})
+        if self.dist.is_main:  # the exported model holds them
+            for stage in ("stage2", "stage3"):
+                (self.out / stage / "student.pt").unlink(missing_ok=True)
         return report_path
 
 

@@ -79,6 +79,8 @@ def test_report_has_everything(converted: Path) -> None:
         assert report["stages"][stage]["mixer_kernels"] == "pytorch"
         if len(report["stages"][stage]["curve"]) >= 2:
             assert report["stages"][stage]["steady_tokens_per_s"] > 0
+    leftovers = [*converted.glob("*/checkpoint.pt"), *converted.glob("*/student.pt"), *converted.glob("probes/*.pt")]
+    assert not leftovers, "a finished conversion keeps no training state"
     held = report["heldout"]
     assert set(held) == {"teacher", "untrained_transfer", "result"}
     assert held["result"]["kl"] < held["untrained_transfer"]["kl"]
