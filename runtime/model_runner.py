@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from hyla.runtime.cache_budget import CachePlan
-from hyla.runtime.cuda_graphs import ChunkGraphs, DecodeGraphs
+from hyla.runtime.cuda_graphs import CHUNK_MAX_LEN, ChunkGraphs, DecodeGraphs
 from hyla.runtime.kv_cache import PagedKVCache
 from hyla.runtime.layers.cpu_linear import pack_linears
 from hyla.runtime.layers.projections import stack_projections
@@ -119,7 +119,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, max_num_seqs)
             self.graphs.capture()
             config = model.config
-            if not config.softmax_layers or triton_supports(dtype, config.head_dim):  # else no graph-safe prefill
+            graph_safe = not config.softmax_layers or triton_supports(dtype, config.head_dim)  # the prefill attention
+            if graph_safe and plan.max_model_len >= CHUNK_MAX_LEN:  # scratch sequences need as many positions
                 self.chunk_graphs = ChunkGraphs(self, max_num_seqs, max_num_batched_tokens)
                 self.chunk_graphs.capture(self.graphs.pool)
 
