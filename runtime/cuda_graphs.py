@@ -150,14 +150,20 @@ class ChunkGraphs(CapturedSteps):
         keys = [(t, n) for t in reversed(self.token_buckets)
                 for n in reversed(up_to(tuple(self.seq_buckets), t + 1)) if n >= len(pieces(t))]
         super().__init__(runner, keys)
-        # per key: ids and positions of every token, then state slots, context and query lengths of every chunk
-        self.inputs = {key: self._initial_inputs(*key) for key in keys}
+        # captured on a step of scratch sequences alone
+        self.inputs = {key: torch.tensor(self._layout(key, [], [], []), device=runner.device) for key in keys}
 
-    def _initial_inputs(self, t: int, n: int) -> torch.Tensor:
-        """`t` tokens in scratch sequences, the other sequences empty."""
-        lens = pieces(t) + [0] * (n - len(pieces(t)))
-        host = [0] * t + [p for q in lens for p in range(q)] + [self.runner.pad_slot] * n + lens + lens
-        return torch.tensor(host, dtype=torch.long, device=self.runner.device)
+    def _layout(
+        self, key: tuple[int, int], chunks: list[ScheduledChunk], tokens: list[int], positions: list[int]
+    ) -> list[int]:
+        """The static inputs of graph `key` for a step: ids and positions of every token, then state
+        slots, context and query lengths of every sequence; the padding tokens form scratch sequences."""
+        t, n = key
+        pad = pieces(t - len(tokens))
+        lens = pad + [0] * (n - len(chunks) - len(pad))
+        return (tokens + [0] * (t - len(tokens)) + positions + [p for q in pad for p in range(q)]
+                + [c.seq.slot for c in chunks] + [self.runner.pad_slot] * (n - len(chunks))
+                + [c.end for c in chunks] + lens + [c.num_tokens for c in chunks] + lens)
 
     def key(self, num_chunks: int, num_tokens: int, longest: int) -> tuple[int, int] | None:
         """The graph of a step of `num_chunks` chunks, `num_tokens` tokens in all and `longest` at most
@@ -182,12 +188,6 @@ class ChunkGraphs(CapturedSteps):
     def run(
         self, key: tuple[int, int], chunks: list[ScheduledChunk], tokens: list[int], positions: list[int]
     ) -> torch.Tensor:
-        """Final hidden states `[len(tokens), hidden]` of the packed `chunks` through graph `key`; the
-        padding tokens form scratch sequences of their own."""
-        t, n = key
-        pad = pieces(t - len(tokens))
-        lens = pad + [0] * (n - len(chunks) - len(pad))
-        host = (tokens + [0] * (t - len(tokens)) + positions + [p for q in pad for p in range(q)]
-                + [c.seq.slot for c in chunks] + [self.runner.pad_slot] * (n - len(chunks))
-                + [c.end for c in chunks] + lens + [c.num_tokens for c in chunks] + lens)
+        """Final hidden states `[len(tokens), hidden]` of the packed `chunks` through graph `key`."""
+        host = self._layout(key, chunks, tokens, positions)
         return self.replay(key, host, self.inputs[key])[: len(tokens)]
