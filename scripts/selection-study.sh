@@ -10,8 +10,9 @@
 # Every step resumes where it stopped and skips what is done: run it again after an interruption.
 # Settings (environment): DEVICE (cuda), RUNS (runs/selection-study), RESULTS
 # (results/smollm2-selection), CORPUS_TOKENS (10000000: teacher-sampled training text, `hyla
-# corpus`; CORPUS_ROUND (512) prompts per sampling round), BUDGET (study), GREEDY (0), EVAL_ARGS
-# (extra `hyla eval study` options).
+# corpus`; CORPUS_ROUND (512) prompts per sampling round; CORPUS_CACHE (16GiB on CUDA, 2GiB on CPU)
+# the sampling engine's cache), BUDGET (study), GREEDY (0), MODELS (a subset of the models, e.g.
+# "uniform-8 kl-guided-4", in the order given), EVAL_ARGS (extra `hyla eval study` options).
 set -euo pipefail
 
 DEVICE=${DEVICE:-cuda}
@@ -21,13 +22,15 @@ CORPUS_TOKENS=${CORPUS_TOKENS:-10000000}
 BUDGET=${BUDGET:-study}
 TEACHER=smollm2-135m
 BASE=kl-guided-8
-MODELS="$BASE uniform-8 kl-guided-4 uniform-4 kl-guided-15 uniform-15"
-if [ "${GREEDY:-0}" = 1 ]; then MODELS="$MODELS greedy-iterative-4"; fi
-if [ "$DEVICE" = cpu ]; then DTYPE=float32; else DTYPE=bfloat16; fi
+if [ -z "${MODELS:-}" ]; then
+    MODELS="$BASE uniform-8 kl-guided-4 uniform-4 kl-guided-15 uniform-15"
+    if [ "${GREEDY:-0}" = 1 ]; then MODELS="$MODELS greedy-iterative-4"; fi
+fi
+if [ "$DEVICE" = cpu ]; then DTYPE=float32 CACHE=2GiB; else DTYPE=bfloat16 CACHE=16GiB; fi
 
 corpus() {
     hyla corpus --teacher "$TEACHER" --tokens "$CORPUS_TOKENS" --out "$RUNS/corpus" --device "$DEVICE" \
-        --round-size "${CORPUS_ROUND:-512}" -q
+        --round-size "${CORPUS_ROUND:-512}" --cache-memory "${CORPUS_CACHE:-$CACHE}" -q
 }
 
 convert_one() {  # METHOD-K
