@@ -68,6 +68,8 @@ class RequestResult:
     """Which turn of its conversation this request was (0: the first, the one with the shared prefix)."""
     text: str = ""
     error: str | None = None
+    detail: str = ""
+    """The server's message for a failed request (an OpenAI error object's `message`, a gRPC status's details)."""
 
 
 def synthetic_prompts(workload: Workload, count: int) -> tuple[str, list[list[tuple[str, int]]]]:
@@ -160,7 +162,7 @@ class OpenAITarget:
             async with self.client.stream("POST", "/v1/completions", json=body) as reply:
                 if reply.status_code != 200:
                     await reply.aread()
-                    result.error = f"http_{reply.status_code}"
+                    result.error, result.detail = f"http_{reply.status_code}", _error_message(reply)
                     return result
                 async for line in reply.aiter_lines():
                     if not line.startswith("data:") or line.strip() == "data: [DONE]":
@@ -193,6 +195,14 @@ class OpenAITarget:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _error_message(reply: httpx.Response) -> str:
+    """The `message` of an OpenAI-style error body, else the body's start."""
+    try:
+        return str(reply.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:200]
 
 
 class GrpcTarget:
@@ -254,7 +264,7 @@ class GrpcTarget:
                     last = now
                     result.output_tokens += new
         except grpc.RpcError as exc:
-            result.error = f"grpc_{exc.code().name.lower()}"
+            result.error, result.detail = f"grpc_{exc.code().name.lower()}", exc.details() or ""
             return result
         result.latency = time.perf_counter() - result.start
         result.ok = result.ttft is not None
@@ -345,6 +355,7 @@ def summarize(
         "requests": len(results),
         "completed": len(ok),
         "errors": dict(Counter(r.error for r in results if not r.ok)),
+        "error_messages": {r.error: r.detail for r in reversed(results) if not r.ok and r.detail},
         "duration_s": elapsed,
         "request_throughput": len(ok) / elapsed if elapsed else 0.0,
         "output_token_throughput": out_tokens / elapsed if elapsed else 0.0,
@@ -387,7 +398,9 @@ def format_table(runs: list[dict]) -> str:
             f"{run['prefix_cache_hit_rate']:.0%} | {prefix} | {trio('ttft_ms')} | "
             f"{trio('tpot_ms')} | {trio('itl_ms')} |"
         )
-    return "\n".join([head, *rows])
+    failures = {kind: message for run in runs for kind, message in run.get("error_messages", {}).items()}
+    notes = [f"{kind}: {message}" for kind, message in failures.items()]
+    return "\n".join([head, *rows, *notes])
 
 
 def plot_runs(runs: list[dict], path: str | Path) -> None:

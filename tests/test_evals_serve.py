@@ -115,6 +115,19 @@ def test_bench_serve_shared_prefix_chats_report_the_hit_rate(server, tmp_path: P
     assert "| cached | prefix cached |" in result.output
 
 
+@pytest.mark.parametrize("front", ["url", "grpc"])
+def test_bench_serve_reports_what_the_server_said_of_refused_requests(server, tmp_path: Path, front: str) -> None:
+    target = server[0] if front == "url" else server[1]
+    result = _bench(f"--{front}", target, "--concurrency", "2", "--num-requests", "3", "--warmup", "0",
+                    "--prompt-len", "3000", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    kind = "http_400" if front == "url" else "grpc_invalid_argument"
+    assert run["errors"] == {kind: 3} and run["completed"] == 0
+    assert "context length" in run["error_messages"][kind]
+    assert f"{kind}: {run['error_messages'][kind]}" in result.output
+
+
 def test_bench_serve_wrong_url_fails_fast(tmp_path: Path) -> None:
     start = time.monotonic()
     result = _bench("--url", "http://127.0.0.1:9", "--out", str(tmp_path))
