@@ -72,6 +72,19 @@ def test_uniform_noise_is_uniform_and_any_seed_works() -> None:
     assert not torch.equal(u[0], u[1])
 
 
+def test_noise_in_int32_has_the_bits_of_the_int64_hash() -> None:
+    from hyla.runtime.sampler import _MASK32, _fmix32
+
+    g = torch.Generator().manual_seed(1)
+    seeds, positions = torch.randint(-(2**63), 2**63 - 1, (16,), generator=g), torch.randint(0, 2**20, (16,), generator=g)
+    row = _fmix32((seeds & _MASK32) ^ _fmix32(((seeds >> 32) & _MASK32) ^ _fmix32(positions & _MASK32)))[:, None]
+    cols = (torch.arange(3000) * 0x9E3779B1) & _MASK32
+    h = _fmix32(_fmix32(row ^ cols) ^ row)
+    assert torch.equal(uniform_noise(seeds, positions, 3000), ((h >> 8).float() + 0.5) / float(1 << 24))
+    ids = torch.randint(0, 3000, (16, 40), generator=g)
+    assert torch.equal(uniform_noise(seeds, positions, ids), uniform_noise(seeds, positions, 3000).gather(1, ids))
+
+
 def test_token_logprobs_ranks_and_top_n() -> None:
     lp = torch.log_softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), -1)
     entry = token_logprobs(lp, 0, 2)
@@ -79,3 +92,40 @@ def test_token_logprobs_ranks_and_top_n() -> None:
     assert entry[1][1] == 1 and entry[2][1] == 2 and len(entry) == 3
     assert token_logprobs(lp, 1, 2) == {1: (float(lp[1]), 1), 2: (float(lp[2]), 2)}
     assert token_logprobs(lp, 3, 0) == {3: (float(lp[3]), 4)}
+
+
+def _fresh_batch(rows: int, vocab: int, spread: float, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * spread
+    temperature = torch.rand(rows, generator=g) * 1.5 + 0.1
+    top_k = torch.randint(0, 250, (rows,), generator=g) * (torch.rand(rows, generator=g) < 0.5)
+    top_p = torch.where(torch.rand(rows, generator=g) < 0.7, torch.rand(rows, generator=g) * 0.9 + 0.05, 1.0)
+    top_p = torch.where(top_k == 0, torch.clamp(top_p, max=0.95), top_p)  # every row filters
+    seeds = torch.randint(-(2**62), 2**62, (rows,), generator=g)
+    positions = torch.randint(0, 4096, (rows,), generator=g)
+    return logits, temperature, top_k, top_p, seeds, positions
+
+
+def test_candidate_sampling_draws_what_the_full_vocabulary_race_draws() -> None:
+    from hyla.runtime.sampler import CANDIDATES, _sample_candidates, sample_full
+
+    for seed in range(6):
+        for spread in (6.0, 0.5):  # a peaked row's nucleus fits the candidates, a flat one's may not
+            batch = _fresh_batch(64, 4 * CANDIDATES + 37, spread, seed)
+            candidates, covered = _sample_candidates(*batch)
+            full = sample_full(*batch)
+            assert bool(covered.all()) == (spread > 1) and bool(covered.any())
+            assert torch.equal(candidates[covered], full[covered])
+            assert torch.equal(sample(*batch), full)
+            for row in range(0, 64, 9):  # a row draws the same alone as in the batch
+                assert sample(*(t[row : row + 1] for t in batch)).item() == full[row].item()
+
+
+def test_an_unfiltered_row_takes_the_full_vocabulary() -> None:
+    from hyla.runtime.sampler import CANDIDATES, _sample_candidates, sample_full
+
+    batch = _fresh_batch(8, 2 * CANDIDATES, 6.0, 0)
+    batch[2][3], batch[3][3] = 0, 1.0  # row 3: no top-k, no top-p
+    _, covered = _sample_candidates(*batch)
+    assert covered.tolist() == [True, True, True, False, True, True, True, True]
+    assert torch.equal(sample(*batch), sample_full(*batch))
