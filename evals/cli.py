@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -82,12 +83,34 @@ def evaluate(
     if unknown:
         raise fail(f"unknown task(s) {unknown}; available: {sorted(manager.all_tasks)}")
     try:
-        return lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-            bootstrap_iters=0, log_samples=False,
-        )
+        with quiet_git_hash():
+            return lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                bootstrap_iters=0, log_samples=False,
+            )
     except ValueError as exc:  # bad settings of a task (e.g. recall lengths it does not have)
         raise fail(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def quiet_git_hash():
+    """lm-eval records the git commit of the working directory by running git, whose "fatal: not a git
+    repository" reaches the terminal wherever hyla runs outside one; ask git with its stderr closed."""
+    from lm_eval import evaluator
+
+    def commit() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+        except OSError:  # no git
+            return None
+        return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+    asked = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = asked
 
 
 def headline(results: dict) -> dict[str, float]:

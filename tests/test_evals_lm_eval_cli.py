@@ -37,9 +37,10 @@ def test_readme_command_runs_on_cpu(tiny_dir: Path, cache: Path, tmp_path: Path)
         "--tasks", "arc_easy", "--limit", "4", "--batch_size", "4", "--output_path", str(tmp_path),
     ]
     done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HYLA_CACHE": str(cache)}
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HYLA_CACHE": str(cache)}, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "not a git repository" not in done.stderr
     results = json.loads(next(tmp_path.rglob("results_*.json")).read_text())["results"]["arc_easy"]
     assert 0.0 <= results["acc,none"] <= 1.0
 
@@ -52,3 +53,13 @@ def test_lm_eval_default_device_falls_back_to_cpu(tiny_dir: Path) -> None:
     assert lm.engine.config.max_num_seqs == 2
     explicit = HylaLM.create_from_arg_string(f"pretrained={tiny_dir},device=cpu", {"device": "cuda:0"})
     assert explicit.engine.config.device == "cpu"
+
+
+def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error(tiny_dir: Path, cache: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "hyla", "eval", "run", str(tiny_dir), "--tasks", "arc_easy", "--limit", "4",
+           "--output", str(tmp_path / "out.json")]
+    env = {**os.environ, "HYLA_CACHE": str(cache)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not a git repository" not in done.stderr + done.stdout
+    assert "arc_easy" in json.loads((tmp_path / "out.json").read_text())["results"]
