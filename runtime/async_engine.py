@@ -5,7 +5,8 @@ adds and aborts reach the engine thread through a command queue, outputs come ba
 asyncio queue per request. A consumer that stops early (cancelled task, `aclose()`) aborts its
 request, which frees its KV blocks and state slot. A request the engine failed raises
 `RequestFailed` in its stream while the others go on; if the engine thread dies, every stream and
-every later call raises `EngineDead` and `wait_dead()` returns.
+every later call raises `EngineDead` and `wait_dead()` returns. The steps run on an `EngineThread`,
+best the one the engine was built on.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 from hyla.runtime.engine import EngineStats, LLMEngine
+from hyla.runtime.engine_thread import EngineThread
 from hyla.runtime.errors import DuplicateRequestId, EngineDead, EngineOverloaded, EngineShutdown, RequestFailed
 from hyla.runtime.outputs import CompletionOutput, RequestOutput
 from hyla.runtime.request import Request
@@ -45,7 +48,8 @@ class _Aborted:
 class AsyncEngine:
     """Runs `LLMEngine.step()` in a thread while there is work; streams deltas to async consumers."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, thread: EngineThread | None = None) -> None:
+        """`thread`: where the steps run; pass the one the engine was built on (see `EngineThread`)."""
         self.engine = engine
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -56,21 +60,23 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._accepting = False
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread, self._own_thread = thread, thread is None
+        self._running: Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: EngineDead | None = None
         self._dead: asyncio.Event | None = None
 
     async def start(self) -> None:
-        """Start the background thread (idempotent)."""
-        if self._thread is not None:
+        """Start stepping on the engine's thread (idempotent)."""
+        if self._running is not None:
             return
         self._loop = asyncio.get_running_loop()
         self._dead = asyncio.Event()
         self._accepting = True
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="hyla-engine", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = EngineThread()
+        self._running = self._thread.submit(self._run)
 
     async def shutdown(self, drain: bool = True) -> None:
         """Refuse new requests; with `drain` let in-flight ones finish, else abort them; stop the thread."""
@@ -78,12 +84,15 @@ class AsyncEngine:
         if not drain:
             for request_id in list(self._streams):
                 self._send(("abort", request_id))
-        while self._thread is not None and self._thread.is_alive() and self._busy():
+        while self._running is not None and not self._running.done() and self._busy():
             await asyncio.sleep(0.01)
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._running is not None:
+            await asyncio.wrap_future(self._running)
+            self._running = None
+        if self._own_thread and self._thread is not None:
+            self._thread.close()
             self._thread = None
 
     def _busy(self) -> bool:

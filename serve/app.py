@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from hyla.runtime.async_engine import AsyncEngine
+from hyla.runtime.engine_thread import EngineThread
 from hyla.runtime.engine import LLMEngine
 from hyla.serve.grpc_server import GrpcFrontEnd
 from hyla.serve.http_app import DEFAULT_MAX_BODY_BYTES, build_app
@@ -101,9 +102,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
 class HylaServer:
     """Build with an engine and settings; `await run()` serves until a signal or `request_shutdown()`."""
 
-    def __init__(self, engine: LLMEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: LLMEngine, settings: ServerSettings, thread: EngineThread | None = None) -> None:
+        """`thread`: the one `engine` was built on, to step it there too (a new one when None)."""
         self.settings = settings
-        self.engine = AsyncEngine(engine, max_waiting=settings.max_waiting)
+        self.engine = AsyncEngine(engine, max_waiting=settings.max_waiting, thread=thread)
         self.served = ServedModel(self.engine, settings.model_name, settings.max_request_tokens, settings.model_aliases)
         hosts = HostPolicy(settings.host, settings.allowed_hosts)
         self.app = build_app(self.served, settings.api_key, settings.max_body_bytes, hosts, settings.metrics_auth)

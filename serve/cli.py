@@ -107,6 +107,7 @@ def serve(
 
     from hyla.runtime.engine import LLMEngine
     from hyla.runtime.engine_config import EngineConfig
+    from hyla.runtime.engine_thread import EngineThread
     from hyla.runtime.load_errors import ModelLoadError
     from hyla.runtime.loading import default_dtype
     from hyla.serve.app import HylaServer, ServerSettings
@@ -128,7 +129,8 @@ def serve(
             enforce_eager=enforce_eager, async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching,
             prefix_checkpoint_interval=prefix_checkpoint_interval,
         )
-        engine = LLMEngine.from_config(config)
+        thread = EngineThread()
+        engine = thread.call(LLMEngine.from_config, config)
     except ModelLoadError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code) from None
@@ -142,7 +144,7 @@ def serve(
         allowed_hosts=tuple(allowed_hosts), max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
         max_waiting=max_waiting, drain_timeout=drain_timeout, log_level="warning" if quiet else "info",
     )
-    server = HylaServer(engine, settings)
+    server = HylaServer(engine, settings, thread)
 
     async def main() -> None:
         await server.start()
