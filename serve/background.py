@@ -5,6 +5,9 @@ subprocess:
 
     with ServerThread(engine, ServerSettings("tiny", port=0, grpc_port=0)) as server:
         openai.OpenAI(base_url=server.base_url + "/v1", api_key="x")...
+
+On the CPU, build the engine on an `EngineThread` and pass that thread too (`thread.call(
+LLMEngine.from_config, config)`), so that it steps where it was built (see `hyla.runtime.engine_thread`).
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import asyncio
 import threading
 
 from hyla.runtime.engine import LLMEngine
+from hyla.runtime.engine_thread import EngineThread
 from hyla.serve.app import HylaServer, ServerSettings
 
 
 class ServerThread:
-    def __init__(self, engine: LLMEngine, settings: ServerSettings) -> None:
-        self.server = HylaServer(engine, settings)
+    def __init__(self, engine: LLMEngine, settings: ServerSettings, thread: EngineThread | None = None) -> None:
+        self.server = HylaServer(engine, settings, thread)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="hyla-server", daemon=True)

@@ -33,9 +33,10 @@ def test_calls_run_in_order_on_one_other_thread_and_errors_come_back() -> None:
 
 def test_a_served_engine_steps_on_the_thread_it_was_built_on() -> None:
     thread = EngineThread()
-    engine = thread.call(lambda: LLMEngine(tiny_teacher("llama"), None, EngineConfig(model="tiny", cache_memory="32MiB")))
+    config = EngineConfig(model="tiny", cache_memory="32MiB")
+    engine = thread.call(lambda: LLMEngine(tiny_teacher("llama"), None, config))
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    offline = LLMEngine(engine.model, None, EngineConfig(model="tiny", cache_memory="32MiB")).generate([[5, 6, 7]], params)
+    offline = LLMEngine(engine.model, None, config).generate([[5, 6, 7]], params)
 
     async def main() -> None:
         served = AsyncEngine(engine, thread=thread)

@@ -55,7 +55,9 @@ def test_lm_eval_default_device_falls_back_to_cpu(tiny_dir: Path) -> None:
     assert explicit.engine.config.device == "cpu"
 
 
-def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error(tiny_dir: Path, cache: Path, tmp_path: Path) -> None:
+def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error(
+    tiny_dir: Path, cache: Path, tmp_path: Path
+) -> None:
     cmd = [sys.executable, "-m", "hyla", "eval", "run", str(tiny_dir), "--tasks", "arc_easy", "--limit", "4",
            "--output", str(tmp_path / "out.json")]
     env = {**os.environ, "HYLA_CACHE": str(cache)}

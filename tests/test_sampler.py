@@ -76,7 +76,8 @@ def test_noise_in_int32_has_the_bits_of_the_int64_hash() -> None:
     from hyla.runtime.sampler import _MASK32, _fmix32
 
     g = torch.Generator().manual_seed(1)
-    seeds, positions = torch.randint(-(2**63), 2**63 - 1, (16,), generator=g), torch.randint(0, 2**20, (16,), generator=g)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (16,), generator=g)
+    positions = torch.randint(0, 2**20, (16,), generator=g)
     row = _fmix32((seeds & _MASK32) ^ _fmix32(((seeds >> 32) & _MASK32) ^ _fmix32(positions & _MASK32)))[:, None]
     cols = (torch.arange(3000) * 0x9E3779B1) & _MASK32
     h = _fmix32(_fmix32(row ^ cols) ^ row)

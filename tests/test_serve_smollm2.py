@@ -8,6 +8,7 @@ import pytest
 
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
+from hyla.runtime.engine_thread import EngineThread
 from hyla.runtime.sampling_params import SamplingParams
 from hyla.serve.app import ServerSettings
 from hyla.serve.background import ServerThread
@@ -18,16 +19,18 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.mark.slow
 def test_smollm2_greedy_completions_and_chat_equal_offline_engine():
-    engine = LLMEngine.from_config(EngineConfig(model="smollm2-135m", cache_memory="256MiB", max_num_seqs=4,
-                                                max_model_len=1024))
+    thread = EngineThread()  # built, run offline and served on one thread, as `hyla serve` does
+    engine = thread.call(LLMEngine.from_config, EngineConfig(model="smollm2-135m", cache_memory="256MiB",
+                                                             max_num_seqs=4, max_model_len=1024))
     greedy = SamplingParams(max_tokens=16, temperature=0)
     chat_ids = engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True)["input_ids"]
-    completion_ref, chat_ref = (out.outputs[0].text for out in engine.generate([PROMPT, list(chat_ids)], greedy))
+    offline = thread.call(engine.generate, [PROMPT, list(chat_ids)], greedy)
+    completion_ref, chat_ref = (out.outputs[0].text for out in offline)
     assert "Paris" in chat_ref
 
     settings = ServerSettings("smollm2-135m", port=0, grpc_port=None, log_level="warning")
-    with ServerThread(engine, settings) as server:
+    with ServerThread(engine, settings, thread) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
         reply = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=16, temperature=0)
         assert reply.choices[0].text == completion_ref
