@@ -94,15 +94,17 @@ def sample(
 ) -> torch.Tensor:
     """Next token `[R]` of each row of fp32 `logits` `[R, V]`; rows with temperature 0 take the argmax.
 
-    Every per-row argument is a `[R]` tensor on the logits' device; nothing leaves the device but
-    one flag saying whether the candidates hold every row's filtered tokens (and, when they do not,
-    which rows draw from the whole vocabulary).
+    Every per-row argument is a `[R]` tensor on the logits' device; nothing leaves the device but two
+    flags (all rows greedy, some row filtering) and, when rows filter, whether the candidates hold
+    every such row's tokens (and, when they do not, which rows draw from the whole vocabulary).
     """
     greedy = temperature <= 0
-    if bool(greedy.all()):
+    filters = ((top_p < 1) | ((top_k > 0) & (top_k <= CANDIDATES))) & ~greedy
+    all_greedy, any_filter = torch.stack([greedy.all(), filters.any()]).tolist()  # one wait for the device
+    if all_greedy:
         return logits.argmax(-1)
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    if not bool((((top_p < 1) | ((top_k > 0) & (top_k <= CANDIDATES))) & ~greedy).any()):
+    if not any_filter:
         return torch.where(greedy, logits.argmax(-1), sample_full(logits, safe_t, top_k, top_p, seeds, positions))
     drawn, covered = _sample_candidates(logits, safe_t, top_k, top_p, seeds, positions)
     covered |= greedy
