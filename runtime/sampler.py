@@ -5,8 +5,8 @@ position it samples for, so a seeded sequence draws the same tokens whatever els
 after preemption, on any device. The draw is the exponential race (argmax of p / E, E ~ Exp(1)),
 which picks token v with probability p_v.
 
-When every sampling row filters (top-k, or a top-p nucleus), the tokens that can win lie among the
-row's `CANDIDATES` most likely, which are then all that is sorted and given noise (a full sort and
+In a row that filters (top-k, or a top-p nucleus) the tokens that can win usually lie among its
+`CANDIDATES` most likely, which are then all that is sorted and given noise (a full sort and
 full-vocabulary noise cost ~180 ms a step for 64 rows of a 49k vocabulary on two CPU cores). Rows
 without a filter, or whose nucleus reaches past them, take the full path on their own; both paths
 draw the same token (barring a rounding difference exactly at a nucleus edge), so a row's draw
@@ -73,15 +73,26 @@ def filter_logits(
     """
     logits = logits / temperature[:, None]
     vocab = logits.shape[-1]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    k = _top_k_bound(top_k, vocab)
     if bool((k < vocab).any()) or bool((top_p < 1).any()):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=logits.device)[None]
         probs = sorted_logits.softmax(-1)
-        # mass before a token already reaching top_p drops it; the best token always stays
-        drop = (ranks >= k[:, None]) | ((probs.cumsum(-1) - probs >= top_p[:, None]) & (ranks > 0))
+        drop = _dropped(probs, probs.cumsum(-1), k, top_p)
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
+
+
+def _top_k_bound(top_k: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`[R]` tokens top-k keeps: `vocab` where it is off (0, -1) or past the vocabulary."""
+    return torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+
+
+def _dropped(probs: torch.Tensor, mass: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of a row's tokens, sorted by falling probability `probs` `[R, C]` (of the row's whole
+    softmax; `mass` their cumulative sum), fall outside top-k or the top-p nucleus: a token goes once
+    the mass before it reaches top_p; the best token always stays."""
+    ranks = torch.arange(probs.shape[-1], device=probs.device)[None]
+    return (ranks >= k[:, None]) | ((mass - probs >= top_p[:, None]) & (ranks > 0))
 
 
 def sample(
@@ -104,14 +115,14 @@ def sample(
     if all_greedy:
         return logits.argmax(-1)
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    if not any_filter:
-        return torch.where(greedy, logits.argmax(-1), sample_full(logits, safe_t, top_k, top_p, seeds, positions))
-    drawn, covered = _sample_candidates(logits, safe_t, top_k, top_p, seeds, positions)
-    covered |= greedy
-    if not bool(covered.all()):
-        rows = (~covered).nonzero()[:, 0]
-        full = sample_full(logits[rows], safe_t[rows], top_k[rows], top_p[rows], seeds[rows], positions[rows])
-        drawn = drawn.index_put((rows,), full)
+    if any_filter:
+        drawn, covered = _sample_candidates(logits, safe_t, top_k, top_p, seeds, positions)
+        if not bool((covered | greedy).all()):
+            rows = (~(covered | greedy)).nonzero()[:, 0]
+            full = sample_full(logits[rows], safe_t[rows], top_k[rows], top_p[rows], seeds[rows], positions[rows])
+            drawn = drawn.index_put((rows,), full)
+    else:
+        drawn = sample_full(logits, safe_t, top_k, top_p, seeds, positions)
     return torch.where(greedy, logits.argmax(-1), drawn)
 
 
@@ -136,12 +147,10 @@ def _sample_candidates(
     scaled = logits / temperature[:, None]
     values, ids = torch.topk(scaled, min(CANDIDATES, vocab), dim=-1)
     probs = (values - torch.logsumexp(scaled, -1, keepdim=True)).exp()
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    k = _top_k_bound(top_k, vocab)
     mass = probs.cumsum(-1)
     covered = (k <= ids.shape[-1]) | ((top_p < 1) & (mass[:, -1] >= top_p))
-    ranks = torch.arange(ids.shape[-1], device=logits.device)[None]
-    drop = (ranks >= k[:, None]) | ((mass - probs >= top_p[:, None]) & (ranks > 0))
-    kept = values.masked_fill(drop, float("-inf")).softmax(-1)
+    kept = values.masked_fill(_dropped(probs, mass, k, top_p), float("-inf")).softmax(-1)
     race = kept / -torch.log(uniform_noise(seeds, positions, ids))
     return ids.gather(1, race.argmax(-1, keepdim=True))[:, 0], covered
 
