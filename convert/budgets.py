@@ -1,9 +1,9 @@
 """Token budgets, learning rates and sequence lengths of each conversion step, by preset.
 
 `quick` fits a 135M teacher on a 2-core CPU in well under 15 minutes; `study` is the layer-selection
-study's (SmolLM2-135M on one GPU: about 25 minutes for stage 1 and the probes, then 7 minutes per
-model); `standard` is a single-GPU afternoon; `paper` follows the scale of the KL-guided selection paper (stage 1 ≈ 100M tokens, each
-probe ≈ 0.2B, stage 2 ≈ 0.6B). Every field can be overridden (`hyla convert --set stage2_tokens=1e6`).
+study's (SmolLM2-135M on one H200 with fla: 5 minutes for stage 1 and 13 for the probes, then each
+model's stage 2); `standard` is a single-GPU afternoon; `paper` follows the scale of the KL-guided
+selection paper (stage 1 ≈ 100M tokens, each probe ≈ 0.2B, stage 2 ≈ 0.6B). Every field can be overridden (`hyla convert --set stage2_tokens=1e6`).
 """
 
 from __future__ import annotations
