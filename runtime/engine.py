@@ -316,7 +316,7 @@ class LLMEngine:
             return False
         if seq.slot is not None:
             self._keep(seq)
-        if result.prompt_logprobs is not None:
+        if result.prompt_logprobs:
             self.outputs.prompt_logprobs(request, chunk.start, work.prompt_rows, result.prompt_logprobs)
         if not chunk.completes:
             return False
@@ -327,8 +327,9 @@ class LLMEngine:
             self.scheduler.remove(seq)
             return True
         family = [seq] + (self._fork(seq) if request.needs_fork else [])
-        for member, token in zip(family, result.tokens):
-            if self.outputs.append(member, token, result.last_logprobs):
+        entries = result.logprobs or [None] * len(family)
+        for member, token, entry in zip(family, result.tokens, entries):
+            if self.outputs.append(member, token, entry):
                 self._retire(member)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()

@@ -13,7 +13,9 @@ from hyla.runtime.cuda_graphs import CHUNK_MAX_LEN, ChunkGraphs, DecodeGraphs
 from hyla.runtime.kv_cache import PagedKVCache
 from hyla.runtime.layers.cpu_linear import pack_linears
 from hyla.runtime.layers.projections import stack_projections
+from hyla.runtime.logprobs import Scores, score_tokens
 from hyla.runtime.model import HybridForCausalLM
+from hyla.runtime.outputs import TokenLogprobs
 from hyla.runtime.ops.paged_attention import triton_supports
 from hyla.runtime.paged_context import PagedContext, StepMetadata
 from hyla.runtime.sampler import sample
@@ -42,38 +44,37 @@ class ChunkWork:
 @dataclass
 class ChunkResult:
     tokens: list[int]
-    prompt_logprobs: torch.Tensor | None
-    """`[len(prompt_rows), V]` fp32 log-probabilities on the CPU, or None when none were asked for."""
-    last_logprobs: torch.Tensor | None
-    """`[V]` log-probabilities of the last row when `score_last`."""
+    prompt_logprobs: list[TokenLogprobs]
+    """Entries for the next prompt token of each of `prompt_rows` (empty when none were asked for)."""
+    logprobs: list[TokenLogprobs]
+    """Entries for each drawn token when `score_last`, else empty."""
 
 
 @dataclass
 class LaunchedStep:
-    """A step whose kernels are queued: its drawn tokens and log-probabilities are on their way to
-    pinned host memory; `results()` waits for them (and only for them)."""
+    """A step whose kernels are queued: its drawn tokens and scores are on their way to pinned host
+    memory; `results()` waits for them (and only for them)."""
 
     work: list[ChunkWork]
     tokens: torch.Tensor | None
     """`[D]` drawn tokens, in draw order, on the host (once `done` has fired)."""
-    scored: torch.Tensor | None
-    """`[R, V]` log-probabilities of every chunk's log-prob rows, concatenated."""
-    row_counts: list[int]
+    scores: Scores | None
+    """Every chunk's scored prompt tokens, then its scored draws, concatenated."""
+    top_n: list[int]
+    """How many best tokens each scored row reports."""
     done: torch.cuda.Event | None
 
     def results(self) -> list[ChunkResult]:
         if self.done is not None:
             self.done.synchronize()
         tokens = self.tokens.tolist() if self.tokens is not None else []
+        entries = self.scores.entries(self.top_n) if self.scores is not None else []
         out, used, at = [], 0, 0
-        for w, count in zip(self.work, self.row_counts):
-            prompt = last = None
-            if count:
-                mine = self.scored[at : at + count]
-                at += count
-                prompt = mine[: len(w.prompt_rows)] if w.prompt_rows else None
-                last = mine[-1] if w.score_last else None
-            out.append(ChunkResult(tokens[used : used + len(w.draws)], prompt, last))
+        for w in self.work:
+            prompt, draws = len(w.prompt_rows), len(w.draws) if w.score_last else 0
+            out.append(ChunkResult(tokens[used : used + len(w.draws)], entries[at : at + prompt],
+                                   entries[at + prompt : at + prompt + draws]))
+            at += prompt + draws
             used += len(w.draws)
         return out
 
@@ -263,13 +264,35 @@ class ModelRunner:
                 drawn = sample(logits[rows], fp[:, 0], ints[0], fp[:, 1], ints[1], ints[2])
             self.drawn[: len(draw_rows)] = drawn
             tokens = self._to_host(drawn)
-        wanted = [r for rows in row_of for r in rows]
-        scored = self._to_host(logits[self.to_device(wanted)].log_softmax(-1)) if wanted else None
+        scores, top_n = self._score(work, logits, row_of)
         done = None
         if self._pin:
             done = torch.cuda.Event()
             done.record()
-        return LaunchedStep(work, tokens, scored, [len(r) for r in row_of], done)
+        return LaunchedStep(work, tokens, scores, top_n, done)
+
+    def _score(
+        self, work: list[ChunkWork], logits: torch.Tensor, row_of: list[list[int]]
+    ) -> tuple[Scores | None, list[int]]:
+        """Score each chunk's next prompt tokens, then its drawn tokens (read from `drawn`) when it
+        scores them; queue the copies to the host. Also each scored row's top-n."""
+        rows, targets, top_n, drawn_at = [], [], [], 0
+        for w, mine in zip(work, row_of):
+            request = w.chunk.seq.request
+            if w.prompt_rows:
+                rows += mine[: len(w.prompt_rows)]
+                targets += [request.prompt_token_ids[w.chunk.start + r + 1] for r in w.prompt_rows]
+                top_n += [request.params.prompt_logprobs] * len(w.prompt_rows)
+            if w.score_last:
+                rows += [mine[-1]] * len(w.draws)
+                targets += [-1 - (drawn_at + i) for i in range(len(w.draws))]
+                top_n += [request.params.logprobs] * len(w.draws)
+            drawn_at += len(w.draws)
+        if not rows:
+            return None, []
+        index, ids = self.to_device(rows + targets).split(len(rows))
+        scores = score_tokens(logits[index], self.resolve_ids(ids), max(top_n))
+        return Scores(*(self._to_host(t) for t in scores)), top_n
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of `tensor`, asynchronous (pinned) from CUDA."""

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from hyla.runtime.detokenizer import IncrementalDetokenizer
-from hyla.runtime.outputs import CompletionOutput, RequestOutput
+from hyla.runtime.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from hyla.runtime.request import Request, Sequence
-from hyla.runtime.sampler import token_logprobs
 
 
 class OutputProcessor:
@@ -21,20 +18,21 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.generation_tokens = 0
 
-    def prompt_logprobs(self, request: Request, start: int, rows: list[int], logprobs: torch.Tensor) -> None:
-        """Record the prompt log-probabilities scored at chunk-relative `rows` of a chunk at `start`."""
-        for row, pos in zip(logprobs, (start + r for r in rows)):
+    def prompt_logprobs(self, request: Request, start: int, rows: list[int], entries: list[TokenLogprobs]) -> None:
+        """Record the entries scored at chunk-relative `rows` of a chunk at `start` (each for the
+        prompt token after its row) that extend the request's prompt log-probabilities."""
+        for row, entry in zip(rows, entries, strict=True):
+            pos = start + row
             if pos + 1 < request.num_prompt_tokens and pos + 1 == len(request.prompt_logprobs):
-                token = request.prompt_token_ids[pos + 1]
-                request.prompt_logprobs.append(token_logprobs(row, token, request.params.prompt_logprobs))
+                request.prompt_logprobs.append(entry)
 
-    def append(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> bool:
+    def append(self, seq: Sequence, token: int, entry: TokenLogprobs | None) -> bool:
         """Add a generated token; True if it finished the sequence (the caller frees its cache)."""
         params = seq.request.params
         seq.token_ids.append(token)
         self.generation_tokens += 1
         if seq.logprobs is not None:
-            seq.logprobs.append(token_logprobs(logprobs, token, params.logprobs))
+            seq.logprobs.append(entry)
         if token in params.stop_token_ids:
             return self.finish(seq, "stop", token)
         if token in self.eos_ids and not params.ignore_eos:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from hyla.runtime.outputs import TokenLogprobs
-
 _MASK32 = 0xFFFFFFFF
 
 
@@ -153,14 +151,3 @@ def _sample_candidates(
     kept = values.masked_fill(_dropped(probs, mass, k, top_p), float("-inf")).softmax(-1)
     race = kept / -torch.log(uniform_noise(seeds, positions, ids))
     return ids.gather(1, race.argmax(-1, keepdim=True))[:, 0], covered
-
-
-def token_logprobs(logprobs: torch.Tensor, token_id: int, top_n: int) -> TokenLogprobs:
-    """{token: (logprob, rank among the vocabulary (1 = best))} for `token_id` and the `top_n` best tokens."""
-    chosen = logprobs[token_id]
-    out: TokenLogprobs = {token_id: (float(chosen), int((logprobs > chosen).sum()) + 1)}
-    if top_n:
-        values, ids = torch.topk(logprobs, top_n)
-        for rank, (lp, tid) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
-            out.setdefault(tid, (lp, rank))
-    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hyla.runtime.sampler import filter_logits, sample, token_logprobs, uniform_noise
+from hyla.runtime.sampler import filter_logits, sample, uniform_noise
 
 
 def logits_rows() -> torch.Tensor:
@@ -84,15 +84,6 @@ def test_noise_in_int32_has_the_bits_of_the_int64_hash() -> None:
     assert torch.equal(uniform_noise(seeds, positions, 3000), ((h >> 8).float() + 0.5) / float(1 << 24))
     ids = torch.randint(0, 3000, (16, 40), generator=g)
     assert torch.equal(uniform_noise(seeds, positions, ids), uniform_noise(seeds, positions, 3000).gather(1, ids))
-
-
-def test_token_logprobs_ranks_and_top_n() -> None:
-    lp = torch.log_softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), -1)
-    entry = token_logprobs(lp, 0, 2)
-    assert entry[0] == (float(lp[0]), 3)
-    assert entry[1][1] == 1 and entry[2][1] == 2 and len(entry) == 3
-    assert token_logprobs(lp, 1, 2) == {1: (float(lp[1]), 1), 2: (float(lp[2]), 2)}
-    assert token_logprobs(lp, 3, 0) == {3: (float(lp[3]), 4)}
 
 
 def _fresh_batch(rows: int, vocab: int, spread: float, seed: int) -> tuple[torch.Tensor, ...]:

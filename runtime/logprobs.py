@@ -1,0 +1,45 @@
+"""Log-probabilities of chosen tokens, scored on the logits' device for a whole step at once: each
+row's target token (the next prompt token, or the token drawn), its rank and the row's best tokens.
+Only these few numbers travel to the host, never a `[rows, vocabulary]` tensor."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hyla.runtime.outputs import TokenLogprobs
+
+
+class Scores(NamedTuple):
+    """`[S]` targets, their log-probabilities and ranks (1 = best); `[S, n]` each row's best `n`."""
+
+    targets: torch.Tensor
+    chosen: torch.Tensor
+    ranks: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
+
+    def entries(self, top_n: list[int]) -> list[TokenLogprobs]:
+        """Host entries, row i keeping its own `top_n[i]` best tokens."""
+        chosen, ranks, targets = self.chosen.tolist(), self.ranks.tolist(), self.targets.tolist()
+        values, ids = self.top_values.tolist(), self.top_ids.tolist()
+        return [token_logprobs(t, c, r, v[:n], i[:n])
+                for t, c, r, v, i, n in zip(targets, chosen, ranks, values, ids, top_n, strict=True)]
+
+
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor, top_n: int) -> Scores:
+    """Score `targets[i]` under `log_softmax(logits[i])` (fp32), with the `top_n` best of every row."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(1, targets[:, None])
+    ranks = (logprobs > chosen).sum(-1) + 1
+    values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]), dim=-1)
+    return Scores(targets, chosen[:, 0], ranks, values, ids)
+
+
+def token_logprobs(token: int, logprob: float, rank: int, top_values: list[float], top_ids: list[int]) -> TokenLogprobs:
+    """{token: (logprob, rank)} for the scored token and, after it, each of the best tokens."""
+    out: TokenLogprobs = {token: (logprob, rank)}
+    for rank_, (value, tid) in enumerate(zip(top_values, top_ids), start=1):
+        out.setdefault(tid, (value, rank_))
+    return out
