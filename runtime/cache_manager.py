@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from hyla.runtime.block_manager import BlockManager
-from hyla.runtime.prefix_cache import PrefixCache, Point, chain_hashes
+from hyla.runtime.prefix_cache import PrefixCache, Point, chain_hashes, common_prefix
 from hyla.runtime.request import Sequence
 
 
@@ -113,10 +113,10 @@ class CacheManager:
         for k in range(min(len(matched), limit // bs), -1, -1):
             if best.position >= (k + 1) * bs:
                 break
-            for point in self.cache.points_at(keys[k - 1] if k else self.cache.salt):
+            mine = seq.token_ids[k * bs : min((k + 1) * bs - 1, limit)]
+            for point in self.cache.points_along(keys[k - 1] if k else self.cache.salt, mine):
                 position = k * bs + len(point.tail)
-                if (best.position < position <= limit and (point.row is not None or not self.has_state)
-                        and tuple(seq.token_ids[k * bs : position]) == point.tail):
+                if best.position < position and (point.row is not None or not self.has_state):
                     best = Hit(position, matched[:k] + ([point.block] if point.tail else []), point)
         shared = self._shared_length(seq, keys, len(matched), limit)
         for peer in peers:
@@ -129,9 +129,8 @@ class CacheManager:
         """`full` matched blocks, then the longest run of the next block's tokens that some cached
         continuation of them starts with (at most `limit`)."""
         bs = self.block_size
-        mine = seq.token_ids[full * bs : (full + 1) * bs]
-        conts = self.cache.continuations(keys[full - 1] if full else self.cache.salt)
-        common = max((common_prefix(tokens, mine) for tokens in conts), default=0)
+        mine = tuple(seq.token_ids[full * bs : (full + 1) * bs])
+        common = self.cache.longest_shared(keys[full - 1] if full else self.cache.salt, mine)
         return min(full * bs + common, limit)
 
     def can_admit(self, seq: Sequence, num_tokens: int, hit: Hit | None = None) -> bool:
@@ -283,16 +282,3 @@ class CacheManager:
         if point.block is not None:
             self.blocks.free([point.block])
 
-
-def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
-    """How many leading tokens `a` and `b` share (slices compared by bisection: C speed on long prompts)."""
-    if type(a) is not type(b):
-        a, b = tuple(a), tuple(b)
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

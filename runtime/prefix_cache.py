@@ -10,6 +10,7 @@ only does the bookkeeping: reference counts live in the `BlockManager`, rows and
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from array import array
 from collections import OrderedDict
@@ -53,6 +54,8 @@ class PrefixCache:
         self._tokens_of: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
         """key → (parent key, tokens) of every indexed block."""
         self._children: dict[bytes, set[bytes]] = {}
+        self._next: dict[bytes, list[tuple[int, ...]]] = {}
+        """key → the tokens cached right after that prefix (child blocks' tokens and points' tails), sorted."""
         self._idle: OrderedDict[int, None] = OrderedDict()
         self._points: dict[bytes, dict[tuple[int, ...], Point]] = {}
         self._point_lru: OrderedDict[Point, None] = OrderedDict()
@@ -78,11 +81,20 @@ class PrefixCache:
             self._key_of[block] = key
             self._tokens_of[key] = (parent, tokens)
             self._children.setdefault(parent, set()).add(key)
+            bisect.insort(self._next.setdefault(parent, []), tokens)
 
-    def continuations(self, parent: bytes) -> list[tuple[int, ...]]:
-        """Tokens cached right after the prefix `parent`: those of its indexed child blocks and the tails
-        of its points."""
-        return [self._tokens_of[k][1] for k in self._children.get(parent, ())] + list(self._points.get(parent, {}))
+    def longest_shared(self, parent: bytes, tokens: tuple[int, ...]) -> int:
+        """How many leading `tokens` some cached continuation of the prefix `parent` starts with. In
+        sorted order the continuation sharing most with `tokens` lies next to where they would go."""
+        ordered = self._next.get(parent, ())
+        at = bisect.bisect_left(ordered, tokens)
+        return max((common_prefix(ordered[i], tokens) for i in (at - 1, at) if 0 <= i < len(ordered)), default=0)
+
+    def _unlist(self, parent: bytes, tokens: tuple[int, ...]) -> None:
+        ordered = self._next[parent]
+        del ordered[bisect.bisect_left(ordered, tokens)]
+        if not ordered:
+            del self._next[parent]
 
     def match(self, keys: list[bytes]) -> list[int]:
         """Cached blocks of the longest run of leading `keys`."""
@@ -107,7 +119,8 @@ class PrefixCache:
         block, _ = self._idle.popitem(last=False)
         key = self._key_of.pop(block)
         del self._block_of[key]
-        parent, _ = self._tokens_of.pop(key)
+        parent, tokens = self._tokens_of.pop(key)
+        self._unlist(parent, tokens)
         siblings = self._children[parent]
         siblings.discard(key)
         if not siblings:
@@ -127,20 +140,40 @@ class PrefixCache:
     def add_point(self, point: Point) -> None:
         self._points.setdefault(point.key, {})[point.tail] = point
         self._point_lru[point] = None
+        bisect.insort(self._next.setdefault(point.key, []), point.tail)
 
     def find_point(self, key: bytes, tail: tuple[int, ...]) -> Point | None:
         return self._points.get(key, {}).get(tail)
 
-    def points_at(self, key: bytes) -> list[Point]:
-        """Points hanging off the full-block prefix `key`."""
-        return list(self._points.get(key, {}).values())
+    def points_along(self, key: bytes, tokens: list[int]) -> list[Point]:
+        """Points hanging off the full-block prefix `key` whose tails `tokens` start with, shortest first."""
+        group = self._points.get(key)
+        if not group:
+            return []
+        found = (group.get(tuple(tokens[:n])) for n in range(len(tokens) + 1))
+        return [p for p in found if p is not None]
 
     def touch(self, point: Point) -> None:
         self._point_lru.move_to_end(point)
 
     def remove_point(self, point: Point) -> None:
         del self._point_lru[point]
+        self._unlist(point.key, point.tail)
         group = self._points[point.key]
         del group[point.tail]
         if not group:
             del self._points[point.key]
+
+
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    """How many leading tokens `a` and `b` share (slices compared by bisection: C speed on long prompts)."""
+    if type(a) is not type(b):
+        a, b = tuple(a), tuple(b)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -12,7 +12,7 @@ from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.cache_manager import CacheManager
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
-from hyla.runtime.prefix_cache import PrefixCache, model_salt
+from hyla.runtime.prefix_cache import PrefixCache, Point, model_salt
 from hyla.runtime.request import Request, Sequence
 from hyla.runtime.sampling_params import SamplingParams
 from tests.tiny_models import random_tokens as tokens, tiny_teacher
@@ -242,3 +242,35 @@ def test_hashed_blocks_are_never_written_and_idle_blocks_are_evicted_lru() -> No
     assert cache.can_admit(other, 16, cache.lookup(other))
     cache.admit(other, 16, cache.lookup(other))  # needs every block: cached ones and the point go
     assert cache.num_cached_blocks == 0 and cache.cache.num_points == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_indexed_continuations_and_points_match_a_scan_of_everything_cached(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    cache, parents, blocks, points = PrefixCache(b"m"), [b"m", b"a", b"b"], {}, []
+    word = lambda n: tuple(rng.randrange(4) for _ in range(n))  # noqa: E731 (a 4-token alphabet: many shared prefixes)
+    for i in range(300):
+        if rng.random() < 0.6:
+            parent, tokens = rng.choice(parents), word(4)
+            cache.register(i, bytes([i % 256, i // 256]), parent, tokens)
+            if cache.is_cached(i):
+                blocks[i] = (parent, tokens)
+                cache.park(i)
+        elif rng.random() < 0.5:
+            point = Point(rng.choice(parents), word(rng.randrange(4)), 0, None, None)
+            if cache.find_point(point.key, point.tail) is None:
+                cache.add_point(point)
+                points.append(point)
+        elif blocks and rng.random() < 0.5:
+            del blocks[cache.evict_block()]
+        elif points:
+            cache.remove_point(points.pop(rng.randrange(len(points))))
+        parent, mine = rng.choice(parents), word(4)
+        conts = [t for p, t in blocks.values() if p == parent] + [pt.tail for pt in points if pt.key == parent]
+        want = max((next((j for j, (x, y) in enumerate(zip(c, mine)) if x != y), min(len(c), len(mine)))
+                    for c in conts), default=0)
+        assert cache.longest_shared(parent, mine) == want
+        along = [pt for pt in points if pt.key == parent and mine[: len(pt.tail)] == pt.tail]
+        assert cache.points_along(parent, list(mine[:3])) == sorted(along, key=lambda pt: len(pt.tail))
