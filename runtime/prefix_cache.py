@@ -150,7 +150,9 @@ class PrefixCache:
         group = self._points.get(key)
         if not group:
             return []
-        found = (group.get(tuple(tokens[:n])) for n in range(len(tokens) + 1))
+        if len(group) <= len(tokens):  # few points: test each tail
+            return sorted((p for tail, p in group.items() if tokens[: len(tail)] == list(tail)), key=lambda p: len(p.tail))
+        found = (group.get(tuple(tokens[:n])) for n in range(len(tokens) + 1))  # many: look each length up
         return [p for p in found if p is not None]
 
     def touch(self, point: Point) -> None:
