@@ -107,6 +107,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(self._eos_ids(), self.max_model_len)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else device.type == "cuda"
         self._inflight: LaunchedStep | None = None
+        self._state_copies: list[tuple[int, int]] = []
+        """State-row copies (snapshots, forks) asked for while a step is postprocessed, made together."""
         self.requests: dict[str, Request] = {}
         self._order = itertools.count()
         self._ids = itertools.count()
@@ -282,6 +284,8 @@ class LLMEngine:
                     advanced[request.request_id] = request
             except Exception as exc:
                 failed.append((request, exc))
+        self.runner.copy_states(self._state_copies)
+        self._state_copies = []
         outputs = [self.outputs.output(r) for r in advanced.values() if r.error is None]
         for request, exc in failed:
             outputs += self._fail([request], exc)
@@ -347,9 +351,9 @@ class LLMEngine:
         self.scheduler.remove(seq)
 
     def _keep(self, seq: Sequence, finished: bool = False) -> None:
-        """Offer what `seq` computed to the prefix cache, copying states into snapshots now."""
-        for src, dst in self.scheduler.cache.computed(seq, finished):
-            self.runner.copy_state(src, dst)
+        """Offer what `seq` computed to the prefix cache; its states are copied into snapshots once the
+        step is postprocessed (before any slot is reused)."""
+        self._state_copies += self.scheduler.cache.computed(seq, finished)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Siblings 1..n-1 of a sequence whose prompt is done: shared blocks, copied states."""
@@ -359,7 +363,7 @@ class LLMEngine:
             child = self._new_sequence(request, index, list(parent.token_ids))
             child.num_computed = parent.num_computed
             self.scheduler.fork(parent, child)
-            self.runner.copy_state(parent.slot, child.slot)
+            self._state_copies.append((parent.slot, child.slot))
             request.seqs.append(child)
             children.append(child)
         request.forked = True

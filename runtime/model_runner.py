@@ -185,8 +185,7 @@ class ModelRunner:
         score what `work` asks for; all of it queued on the device, nothing waited for."""
         chunks = [w.chunk for w in work]
         self.kv.copy_blocks(block_copies)
-        for src, dst in state_copies:
-            self.states.copy(src, dst)
+        self.states.copy_rows(state_copies)
         self._sync_block_tables(chunks)
         fresh = [c.seq.slot for c in chunks if c.start == 0]
         if fresh:
@@ -301,8 +300,8 @@ class ModelRunner:
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         return host.copy_(tensor, non_blocking=True)
 
-    def copy_state(self, src: int, dst: int) -> None:
-        self.states.copy(src, dst)
+    def copy_states(self, pairs: list[tuple[int, int]]) -> None:
+        self.states.copy_rows(pairs)
 
 
 def input_tokens(chunk: ScheduledChunk) -> list[int]:

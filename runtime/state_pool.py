@@ -49,6 +49,20 @@ class StatePool:
             self.conv[:, dst] = self.conv[:, src]
         self.recurrent[:, dst] = self.recurrent[:, src]
 
+    def copy_rows(self, pairs: list[tuple[int, int]]) -> None:
+        """`copy(src, dst)` for each pair in order; as one gather and one scatter per pool when no
+        pair reads a row an earlier one writes."""
+        dsts = [d for _, d in pairs]
+        if len(pairs) < 2 or len(set(dsts)) < len(dsts) or set(dsts) & {s for s, _ in pairs}:
+            for src, dst in pairs:
+                self.copy(src, dst)
+            return
+        device = self.recurrent.device
+        index = torch.tensor(pairs, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        for pool in (self.conv, self.recurrent):
+            if pool is not None:
+                pool.index_copy_(1, index[:, 1], pool.index_select(1, index[:, 0]))
+
     def load(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(conv, recurrent) states of `slots` for one linear layer (copies)."""
         conv, recurrent = self.layer(layer_idx)

@@ -65,6 +65,25 @@ def test_state_pool_zeroes_copies_and_stores_by_slot() -> None:
     assert rec_view.data_ptr() == pool.recurrent[1].data_ptr() and conv_view.shape == pool.conv.shape[1:]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_state_pool_copy_rows_matches_copies_one_by_one(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    pools = [StatePool(tiny_hybrid_config(), num_slots=12, dtype=torch.float32, state_dtype=torch.float32, device="cpu")
+             for _ in range(2)]
+    for pool in pools:
+        torch.manual_seed(seed)
+        pool.conv.copy_(torch.randn(pool.conv.shape))
+        pool.recurrent.copy_(torch.randn(pool.recurrent.shape))
+    rows = torch.randperm(12, generator=g).tolist()
+    pairs = list(zip(rows[:5], rows[5:10]))  # disjoint: one gather and one scatter
+    if seed % 2:
+        pairs.append((pairs[0][1], rows[10]))  # a chain: must see the earlier copy
+    pools[0].copy_rows(pairs)
+    for src, dst in pairs:
+        pools[1].copy(src, dst)
+    assert torch.equal(pools[0].conv, pools[1].conv) and torch.equal(pools[0].recurrent, pools[1].recurrent)
+
+
 def test_cache_manager_admits_forks_and_releases() -> None:
     from hyla.runtime.request import Request, Sequence
     from hyla.runtime.sampling_params import SamplingParams
