@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import json
 import subprocess
 from pathlib import Path
@@ -83,13 +84,29 @@ def evaluate(
     if unknown:
         raise fail(f"unknown task(s) {unknown}; available: {sorted(manager.all_tasks)}")
     try:
-        with quiet_git_hash():
+        with quiet_git_hash(), without_metadata_advice():
             return lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
                 bootstrap_iters=0, log_samples=False,
             )
     except ValueError as exc:  # bad settings of a task (e.g. recall lengths it does not have)
         raise fail(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def without_metadata_advice():
+    """lm-eval warns, for every task with its own data loader (all of ours), that kwargs "can be passed
+    to `--metadata`": advice about lm-eval's command line, which hyla's users do not have."""
+    log = logging.getLogger("lm_eval.api.task")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "can be passed to `--metadata`" not in record.getMessage()
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 @contextlib.contextmanager

@@ -55,7 +55,7 @@ def test_lm_eval_default_device_falls_back_to_cpu(tiny_dir: Path) -> None:
     assert explicit.engine.config.device == "cpu"
 
 
-def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error(
+def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error_or_lm_eval_cli_advice(
     tiny_dir: Path, cache: Path, tmp_path: Path
 ) -> None:
     cmd = [sys.executable, "-m", "hyla", "eval", "run", str(tiny_dir), "--tasks", "arc_easy", "--limit", "4",
@@ -64,4 +64,5 @@ def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error(
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "not a git repository" not in done.stderr + done.stdout
+    assert "--metadata" not in done.stderr + done.stdout  # lm-eval's advice for its own command line
     assert "arc_easy" in json.loads((tmp_path / "out.json").read_text())["results"]
