@@ -46,6 +46,21 @@ def _scratch_buffers(numel: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return bufs
 
 
+def _decode_mask(context_lens: Tensor, length: int, dtype: torch.dtype) -> tuple[bool, Tensor | None]:
+    """(whether some context is empty, the additive padding mask `[N, 1, 1, length]` or None); made
+    once for the lengths every layer of a step shares."""
+    key = (tuple(context_lens.tolist()), length, dtype)
+    memo = getattr(_scratch, "mask", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    mask = None
+    if min(key[0]) < length:  # an additive mask runs faster than a boolean one
+        pad = torch.arange(length) >= context_lens[:, None].long()
+        mask = torch.zeros(pad.shape, dtype=dtype).masked_fill_(pad, float("-inf"))[:, None, None]
+    _scratch.mask = (key, (min(key[0]) == 0, mask))
+    return _scratch.mask[1]
+
+
 def decode_attention_cpu(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     scale: float, max_context_len: int, block_size: int,
@@ -58,14 +73,10 @@ def decode_attention_cpu(
     k_buf, v_buf = _scratch_buffers(N * length * Hkv * D, k_cache.dtype)
     k = gather_blocks(k_cache, block_tables, num_blocks, block_size, k_buf)
     v = gather_blocks(v_cache, block_tables, num_blocks, block_size, v_buf)
-    lens = context_lens.tolist()
-    mask = None
-    if min(lens) < length:  # an additive mask runs faster than a boolean one
-        pad = torch.arange(length) >= context_lens[:, None].long()
-        mask = torch.zeros(pad.shape, dtype=k.dtype).masked_fill_(pad, float("-inf"))[:, None, None]
+    empty, mask = _decode_mask(context_lens, length, k.dtype)
     o = F.scaled_dot_product_attention(q.view(N, Hkv, Hq // Hkv, D).to(k.dtype), k, v, attn_mask=mask, scale=scale)
     o = o.reshape(N, Hq, D).to(q.dtype)
-    if min(lens) == 0:
+    if empty:
         o = torch.where((context_lens > 0)[:, None, None], o, 0.0)
     return o
 
