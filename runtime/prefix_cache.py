@@ -53,7 +53,6 @@ class PrefixCache:
         self._key_of: dict[int, bytes] = {}
         self._tokens_of: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
         """key → (parent key, tokens) of every indexed block."""
-        self._children: dict[bytes, set[bytes]] = {}
         self._next: dict[bytes, list[tuple[int, ...]]] = {}
         """key → the tokens cached right after that prefix (child blocks' tokens and points' tails), sorted."""
         self._idle: OrderedDict[int, None] = OrderedDict()
@@ -80,7 +79,6 @@ class PrefixCache:
             self._block_of[key] = block
             self._key_of[block] = key
             self._tokens_of[key] = (parent, tokens)
-            self._children.setdefault(parent, set()).add(key)
             bisect.insort(self._next.setdefault(parent, []), tokens)
 
     def longest_shared(self, parent: bytes, tokens: tuple[int, ...]) -> int:
@@ -121,10 +119,6 @@ class PrefixCache:
         del self._block_of[key]
         parent, tokens = self._tokens_of.pop(key)
         self._unlist(parent, tokens)
-        siblings = self._children[parent]
-        siblings.discard(key)
-        if not siblings:
-            del self._children[parent]
         return block
 
     # ---- points ---------------------------------------------------------------------------------
