@@ -19,4 +19,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 pip install -q -e ".[dev]"
 "$PY" -m hyla fetch-assets
+"$PY" -c "from hyla.runtime.ops import cpu_kernels; cpu_kernels.available()"
 echo "[setup] done: $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)')"

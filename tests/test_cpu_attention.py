@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hyla.runtime.ops import paged_attention as pa
-from hyla.runtime.ops.cpu_attention import decode_attention_cpu, gather_blocks, prefill_attention_cpu
+from hyla.runtime.ops import cpu_kernels
+from hyla.runtime.ops.cpu_attention import decode_attention_cpu, decode_attention_sdpa, gather_blocks, prefill_attention_cpu
 from tests.test_paged_ops import make_pool
 
 D = 64
@@ -29,20 +30,43 @@ def test_gather_blocks_matches_token_gather() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3)])
-@pytest.mark.parametrize("lens", [[300], [7, 0, 130, 64, 129], [50, 50, 50]])
-def test_decode_matches_reference(lens: list[int], Hq: int, Hkv: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("lens", [[300], [7, 0, 130, 64, 129], [50, 50, 50], [700, 1, 257]])
+@pytest.mark.parametrize("impl", ["dispatch", "sdpa"])
+def test_decode_matches_reference(impl: str, lens: list[int], Hq: int, Hkv: int, dtype: torch.dtype) -> None:
+    """The C++ kernel (what `decode_attention_cpu` runs here) and its SDPA fallback; contexts of
+    several kernel partitions, in blocks scattered over the pool."""
+    if impl == "dispatch":
+        assert cpu_kernels.available(), "the CPU kernels must build on a machine with a compiler"
+    fn = decode_attention_cpu if impl == "dispatch" else decode_attention_sdpa
     gen = torch.Generator().manual_seed(len(lens) + Hq)
     block_size = 16
-    k_cache, v_cache, tables, _, _ = make_pool(lens, Hkv, block_size, dtype, gen, D, table_blocks=12)
+    k_cache, v_cache, tables, _, _ = make_pool(lens, Hkv, block_size, dtype, gen, D, table_blocks=48)
     q = torch.randn(len(lens), Hq, D, generator=gen).to(dtype)
     ctx = torch.tensor(lens, dtype=torch.int32)
     bound = max(lens) + 5
-    got = decode_attention_cpu(q, k_cache, v_cache, tables, ctx, 0.125, bound, block_size)
+    got = fn(q, k_cache, v_cache, tables, ctx, 0.125, bound, block_size)
     want = pa._decode_reference(q, k_cache, v_cache, tables, ctx, 0.125, bound, block_size)
     assert got.dtype == dtype and got.shape == q.shape
     tol = tolerance(dtype)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     assert (got[ctx == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [128, 40])
+def test_decode_kernel_other_head_widths_and_a_strided_query(head_dim: int, dtype: torch.dtype) -> None:
+    """Head widths off the bf16 fast path (40) and on it (128); q a view into a wider qkv row."""
+    assert cpu_kernels.available()
+    gen = torch.Generator().manual_seed(head_dim)
+    lens, Hq, Hkv = [33, 290], 8, 2
+    k_cache, v_cache, tables, _, _ = make_pool(lens, Hkv, 16, dtype, gen, head_dim, table_blocks=24)
+    qkv = torch.randn(len(lens), (Hq + 2 * Hkv) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, : Hq * head_dim].view(len(lens), Hq, head_dim)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    got = cpu_kernels.decode_attention(q, k_cache, v_cache, tables, ctx, head_dim**-0.5, 16)
+    want = pa._decode_reference(q, k_cache, v_cache, tables, ctx, head_dim**-0.5, max(lens), 16)
+    tol = tolerance(dtype)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

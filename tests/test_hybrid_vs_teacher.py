@@ -54,7 +54,8 @@ def test_smollm2_all_attention_matches_teacher(smollm2) -> None:
         expected = model(**ids).logits
         got = student(**ids).logits
     real = ids["attention_mask"].bool()
-    assert (got[real] - expected[real]).abs().max().item() <= 1e-5
+    # fp32 logits of magnitude ~20 over 30 layers: the CPU kernels sum in another order than HF
+    assert (got[real] - expected[real]).abs().max().item() <= 1e-4
 
 
 def test_as_hybrid_keeps_teacher_logits(teacher) -> None:

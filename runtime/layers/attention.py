@@ -10,6 +10,7 @@ from hyla.runtime.context import ForwardContext
 from hyla.runtime.layers.projections import project
 from hyla.runtime.layers.norm import RMSNorm
 from hyla.runtime.layers.rotary import apply_rotary
+from hyla.runtime.ops import cpu_kernels
 
 
 class SoftmaxAttention(nn.Module):
@@ -44,6 +45,11 @@ class SoftmaxAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cpu_kernels.usable(q, k, cos, sin):  # in place, one op (`view` refuses to copy)
+            d = self.head_dim
+            cpu_kernels.rotary_(q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d),
+                                cos.view(-1, d), sin.view(-1, d))
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = ctx.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(b, t, -1))

@@ -32,5 +32,5 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), ctx))
+        return x + self.mlp(h)

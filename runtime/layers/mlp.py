@@ -10,6 +10,7 @@ from transformers.activations import ACT2FN
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.layers.projections import project
 from hyla.runtime.layers.fusion import fused
+from hyla.runtime.ops import cpu_kernels
 
 
 class GatedMLP(nn.Module):
@@ -29,7 +30,16 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, *self.input_projections())
-        return self.down_proj(silu_mul(gate, up) if self.silu else self.act(gate) * up)
+        return self.down_proj(self.activate(gate, up))
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up; SiLU as one C++ op on CPU."""
+        if not self.silu:
+            return self.act(gate) * up
+        if cpu_kernels.usable(gate, up):
+            m = gate.shape[-1]
+            return cpu_kernels.silu_mul(gate.reshape(-1, m), up.reshape(-1, m)).view(gate.shape)
+        return silu_mul(gate, up)
 
 
 @fused

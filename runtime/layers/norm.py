@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from hyla.runtime.layers.fusion import fused
+from hyla.runtime.ops import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -17,7 +18,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.usable(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + a, the norm of it), in one pass on CPU."""
+        if cpu_kernels.usable(x, a, self.weight):
+            return cpu_kernels.add_rms_norm(x, a, self.weight, self.eps)
+        x = x + a
+        return x, self(x)
 
 
 @fused

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernels
+
 
 _scratch = threading.local()
 
@@ -65,7 +67,18 @@ def decode_attention_cpu(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     scale: float, max_context_len: int, block_size: int,
 ) -> Tensor:
-    """One query per sequence: q ``[N, Hq, D]`` -> ``[N, Hq, D]`` in q's dtype; empty contexts give zeros."""
+    """One query per sequence: q ``[N, Hq, D]`` -> ``[N, Hq, D]`` in q's dtype; empty contexts give zeros.
+    The C++ kernel reads the pool in place; the gather and SDPA below are its fallback and reference."""
+    if cpu_kernels.usable(q, k_cache, v_cache) and block_tables.dtype == context_lens.dtype == torch.int32:
+        return cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, block_size)
+    return decode_attention_sdpa(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, block_size)
+
+
+def decode_attention_sdpa(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+    scale: float, max_context_len: int, block_size: int,
+) -> Tensor:
+    """`decode_attention_cpu` as a block gather and PyTorch's fused attention."""
     N, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     num_blocks = min(max(1, math.ceil(max_context_len / block_size)), block_tables.shape[1])

@@ -1,0 +1,125 @@
+"""hyla's C++ CPU kernels for the small ops of a decode step (`csrc/cpu_decode.cpp`).
+
+A decode step of a small model on a few cores is bound by the count of PyTorch ops it runs, not by
+their arithmetic: RMSNorm, rotary embedding, the KV-cache store and SiLU-and-mul each take several
+ops, and decode attention a gather of every context plus a padded SDPA. The kernels here do each
+in one op. They are compiled for this machine's CPU (`-march=native`) on first use, which takes
+a few seconds once, and cached under `$HYLA_KERNELS` (default `~/.cache/hyla/kernels`; a
+scratch `$HYLA_CACHE` does not rebuild them). Where no compiler is found the
+PyTorch code they replace runs instead (a warning says so); `HYLA_CPU_KERNELS=0` turns them off.
+Each op's PyTorch reference is the layer code it stands in for; the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
+DTYPES = (torch.bfloat16, torch.float32)
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("HYLA_CPU_KERNELS", "1") != "0"
+
+
+def _cpu_signature() -> str:
+    """Identifies the instruction set the kernels are built for (a shared cache may serve other CPUs)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    text = f"{platform.machine()} {flags} {torch.__version__}"
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _build() -> bool:
+    from torch.utils import cpp_extension
+
+    try:  # the ninja of the `ninja` package, when this environment's scripts are not on PATH
+        import ninja
+
+        path = os.environ.get("PATH", "")
+        if ninja.BIN_DIR not in path.split(os.pathsep):
+            os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
+    except ImportError:
+        pass
+    root = Path(os.environ.get("HYLA_KERNELS", Path.home() / ".cache" / "hyla" / "kernels"))
+    directory = root / f"cpu-{_cpu_signature()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        print("[hyla] compiling the CPU kernels for this machine (once, a few seconds)...", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name="hyla_cpu", sources=[str(SOURCE)], build_directory=str(directory), is_python_module=False,
+        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
+    )
+    return True
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call)."""
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                ok = False
+                if enabled():
+                    try:
+                        ok = _build()
+                    except Exception as exc:  # no compiler or ninja: the PyTorch ops run instead
+                        logger.warning("hyla CPU kernels unavailable, running PyTorch ops: %s", exc)
+                _state["ok"] = ok
+    return _state["ok"]
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors: CPU inference, one supported dtype."""
+    first = tensors[0]
+    return (
+        first.device.type == "cpu" and first.dtype in DTYPES and not torch.is_grad_enabled()
+        and all(t.dtype == first.dtype and t.device.type == "cpu" for t in tensors) and available()
+    )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.ops.hyla_cpu.rms_norm(x.contiguous(), weight.contiguous(), eps)
+
+
+def add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + a, rms_norm(x + a)) in one pass."""
+    return torch.ops.hyla_cpu.add_rms_norm(x.contiguous(), a.contiguous(), weight.contiguous(), eps)
+
+
+def rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """Rotate q `[T, Hq, D]` and k `[T, Hkv, D]` in place by cos/sin `[T, D]`."""
+    torch.ops.hyla_cpu.rotary_(q, k, cos, sin)
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> None:
+    """`k_cache[slots] = k; v_cache[slots] = v` for k, v `[T, Hkv, D]` and pools `[slots, Hkv, D]`."""
+    torch.ops.hyla_cpu.store_kv(k, v, k_cache, v_cache, slots)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, scale: float,
+    block_size: int,
+) -> Tensor:
+    """One query per sequence over its paged context, read in place; empty contexts give zeros."""
+    return torch.ops.hyla_cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, block_size)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """`F.silu(gate) * up` for `[rows, M]` views."""
+    return torch.ops.hyla_cpu.silu_mul(gate, up)

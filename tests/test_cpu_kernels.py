@@ -1,0 +1,93 @@
+"""The C++ CPU kernels against the PyTorch layer code they stand in for, on fresh random inputs
+(decode attention is tested in `test_cpu_attention`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyla.runtime.layers.norm import rms_norm
+from hyla.runtime.layers.rotary import apply_rotary
+from hyla.runtime.ops import cpu_kernels
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    assert cpu_kernels.available(), "the CPU kernels must build on a machine with a compiler"
+    with torch.no_grad():
+        yield
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to one rounding of the dtype (summation order differs from PyTorch's)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-5 if got.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(1, 576), (37, 2048), (3, 50)])
+def test_rms_norm_and_the_residual_add_before_it(rows: int, width: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(rows * width)
+    x, a = (torch.randn(rows, width, generator=gen).mul(3).to(dtype) for _ in range(2))
+    w = torch.randn(width, generator=gen).to(dtype)
+    close(cpu_kernels.rms_norm(x, w, 1e-5), rms_norm.plain(x, w, 1e-5))
+    h, y = cpu_kernels.add_rms_norm(x, a, w, 1e-6)
+    assert torch.equal(h, x + a)
+    close(y, rms_norm.plain(x + a, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 18])
+def test_rotary_in_place_on_views_of_a_qkv_row(head_dim: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    T, Hq, Hkv = 11, 6, 2
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, : Hq * head_dim].view(T, Hq, head_dim)
+    k = qkv[:, Hq * head_dim : (Hq + Hkv) * head_dim].view(T, Hkv, head_dim)
+    v_before = qkv[:, (Hq + Hkv) * head_dim :].clone()
+    angles = torch.rand(T, head_dim // 2, generator=gen) * 1000
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    want_q = apply_rotary.plain(q[None], cos[None], sin[None])[0]
+    want_k = apply_rotary.plain(k[None], cos[None], sin[None])[0]
+    cpu_kernels.rotary_(q, k, cos, sin)
+    close(q, want_q)
+    close(k, want_k)
+    assert torch.equal(qkv[:, (Hq + Hkv) * head_dim :], v_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_the_slots_index_copy_writes(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    pool_k, pool_v = (torch.randn(64, 3, 32, generator=gen).to(dtype) for _ in range(2))
+    kv = torch.randn(5, 2 * 3 * 32, generator=gen).to(dtype)  # k and v as views of one row
+    k, v = kv[:, :96].view(5, 3, 32), kv[:, 96:].view(5, 3, 32)
+    slots = torch.randperm(64, generator=gen)[:5]
+    want_k, want_v = pool_k.clone().index_copy_(0, slots, k), pool_v.clone().index_copy_(0, slots, v)
+    cpu_kernels.store_kv(k, v, pool_k, pool_v, slots)
+    assert torch.equal(pool_k, want_k) and torch.equal(pool_v, want_v)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_kernels.store_kv(k, v, pool_k, pool_v, slots + 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_on_the_halves_of_a_gate_up_row(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    gate_up = (torch.randn(9, 2 * 1536, generator=gen) * 6).to(dtype)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    gate, up = gate_up[:, :1536], gate_up[:, 1536:]
+    close(cpu_kernels.silu_mul(gate, up), F.silu(gate) * up)
+
+
+def test_kernels_refuse_what_they_cannot_run() -> None:
+    x = torch.randn(2, 8, dtype=torch.float16)
+    assert not cpu_kernels.usable(x)
+    assert not cpu_kernels.usable(torch.randn(2, 8), torch.randn(8, dtype=torch.bfloat16))
+    with torch.enable_grad():
+        assert not cpu_kernels.usable(torch.randn(2, 8))
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpu_kernels.rms_norm(torch.randn(2, 8), torch.randn(8, dtype=torch.bfloat16), 1e-6)
