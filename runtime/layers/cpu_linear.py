@@ -1,41 +1,59 @@
-"""bf16 linear layers with oneDNN-prepacked weights for CPU inference.
+"""bf16 linear layers with prepacked weights for CPU inference.
 
 `F.linear` on a bf16 CPU weight reorders the weight into oneDNN's blocked layout on every call,
 which makes the small matrix-vector products of a decode step two to three times slower than the
 memory bandwidth allows. `pack_linears` turns every `nn.Linear` of a model into a `PackedLinear`,
 which keeps its parameters (and so `state_dict`, weight tying and training) as they are and adds
 a packed copy of the weight, made on first use and remade whenever the weight changes. The copy
-costs as much memory as the weights themselves. `packed_product` runs several packed linears of one
-input (q/k/v, gate/up, a linear mixer's input projections) as one product over their stacked
-weights, which is exact and faster than one small product each. Set `HYLA_CPU_PACKED_LINEAR=0` to
-turn packing off.
+costs as much memory as the weights themselves. On CPUs with AVX512-BF16 the copy is laid out for
+hyla's own kernel (:mod:`hyla.runtime.ops.cpu_kernels`), which reads it at close to memory bandwidth
+for a few rows and matches oneDNN on prefill; elsewhere it is oneDNN's, which is exact to
+`F.linear`. `packed_product` runs several packed linears of one input (q/k/v, gate/up, a linear
+mixer's input projections) as one product over their stacked weights, which is exact and faster
+than one small product each. Set `HYLA_CPU_PACKED_LINEAR=0` to turn packing off.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyla.runtime.ops import cpu_kernels
+
 PACK_DTYPES = (torch.bfloat16,)
 PACK_BATCH_HINT = 1
-"""Rows the packed layout is tuned for: decode steps (the packed product is exact at any row count)."""
+"""Rows oneDNN's packed layout is tuned for: decode steps (the packed product is exact at any row count)."""
+
+
+class Packed(NamedTuple):
+    """A weight packed for one backend: hyla's kernel or oneDNN."""
+
+    weight: torch.Tensor
+    out_features: int
+    hyla: bool
 
 
 def packing_enabled() -> bool:
     return os.environ.get("HYLA_CPU_PACKED_LINEAR", "1") != "0"
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a weight packed by `pack_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed.hyla:
+        return cpu_kernels.packed_linear(x, packed.weight, bias, packed.out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, packed.weight, bias, "none", [], "")
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN blocked copy of a `[out, in]` weight."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+def pack_weight(weight: torch.Tensor) -> Packed:
+    """Packed copy of a `[out, in]` bf16 weight: for hyla's kernel where this CPU runs it, else oneDNN's."""
+    weight = weight.detach()
+    if weight.shape[1] % 2 == 0 and cpu_kernels.linear_supported():
+        return Packed(cpu_kernels.pack_linear(weight), weight.shape[0], True)
+    return Packed(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), weight.shape[0], False)
 
 
 def _key(t: torch.Tensor | None) -> tuple[int, int, torch.dtype] | None:
@@ -46,8 +64,8 @@ def _key(t: torch.Tensor | None) -> tuple[int, int, torch.dtype] | None:
 class PackedLinear(nn.Linear):
     """`nn.Linear` that runs bf16 CPU inference (no autograd) on a packed copy of its weight."""
 
-    _packed: tuple[object, torch.Tensor] | None = None
-    _stacked: tuple[object, torch.Tensor, torch.Tensor | None] | None = None
+    _packed: tuple[object, Packed] | None = None
+    _stacked: tuple[object, Packed, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packs(x):
@@ -59,14 +77,14 @@ class PackedLinear(nn.Linear):
         w = self.weight
         return not torch.is_grad_enabled() and w.device.type == "cpu" and w.dtype in PACK_DTYPES and x.dtype == w.dtype
 
-    def packed_weight(self) -> torch.Tensor:
+    def packed_weight(self) -> Packed:
         """The packed weight, repacked when the weight's storage, version or dtype changed."""
         key = _key(self.weight)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, pack_weight(self.weight))
         return self._packed[1]
 
-    def stacked_weight(self, linears: tuple[PackedLinear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def stacked_weight(self, linears: tuple[PackedLinear, ...]) -> tuple[Packed, torch.Tensor | None]:
         """Packed weight and bias of `linears` (this layer first) stacked along the output, kept here."""
         key = tuple((_key(m.weight), _key(m.bias)) for m in linears)
         if self._stacked is None or self._stacked[0] != key:

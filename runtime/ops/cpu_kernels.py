@@ -1,7 +1,9 @@
-"""hyla's C++ CPU kernels for the small ops of a decode step (`csrc/cpu_decode.cpp`).
+"""hyla's C++ CPU kernels for the small ops of a decode step (`csrc/`).
 
-A decode step of a small model on a few cores is bound by the count of PyTorch ops it runs, not by
-their arithmetic: RMSNorm, rotary embedding, the KV-cache store and SiLU-and-mul each take several
+The bf16 linear kernel reads packed weights at close to memory bandwidth where oneDNN does not
+for the few rows of a decode step (see :mod:`hyla.runtime.layers.cpu_linear`). Beyond it, a decode
+step of a small model on a few cores is bound by the count of PyTorch ops it runs, not by their
+arithmetic: RMSNorm, rotary embedding, the KV-cache store and SiLU-and-mul each take several
 ops, and decode attention a gather of every context plus a padded SDPA. The kernels here do each
 in one op. They are compiled for this machine's CPU (`-march=native`) on first use, which takes
 a few seconds once, and cached under `$HYLA_KERNELS` (default `~/.cache/hyla/kernels`; a
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_decode.cpp", "cpu_linear.cpp")]
 DTYPES = (torch.bfloat16, torch.float32)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -63,23 +65,24 @@ def _build() -> bool:
     if not any(directory.glob("*.so")):
         print("[hyla] compiling the CPU kernels for this machine (once, a few seconds)...", file=sys.stderr, flush=True)
     cpp_extension.load(
-        name="hyla_cpu", sources=[str(SOURCE)], build_directory=str(directory), is_python_module=False,
+        name="hyla_cpu", sources=[str(s) for s in SOURCES], build_directory=str(directory), is_python_module=False,
         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
     )
     return True
 
 
 def available() -> bool:
-    """Whether the kernels are built and loaded (builds them on the first call)."""
+    """Whether the kernels are on (`HYLA_CPU_KERNELS`), built and loaded (built on the first call)."""
+    if not enabled():
+        return False
     if "ok" not in _state:
         with _lock:
             if "ok" not in _state:
                 ok = False
-                if enabled():
-                    try:
-                        ok = _build()
-                    except Exception as exc:  # no compiler or ninja: the PyTorch ops run instead
-                        logger.warning("hyla CPU kernels unavailable, running PyTorch ops: %s", exc)
+                try:
+                    ok = _build()
+                except Exception as exc:  # no compiler or ninja: the PyTorch ops run instead
+                    logger.warning("hyla CPU kernels unavailable, running PyTorch ops: %s", exc)
                 _state["ok"] = ok
     return _state["ok"]
 
@@ -118,6 +121,21 @@ def decode_attention(
 ) -> Tensor:
     """One query per sequence over its paged context, read in place; empty contexts give zeros."""
     return torch.ops.hyla_cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, block_size)
+
+
+def linear_supported() -> bool:
+    """Whether this CPU runs the bf16 linear kernel (AVX512-BF16)."""
+    return available() and bool(torch.ops.hyla_cpu.linear_supported())
+
+
+def pack_linear(weight: Tensor) -> Tensor:
+    """A bf16 `[O, I]` weight (I even) as `[ceil(O / 16), I / 2, 16, 2]` blocks for `packed_linear`."""
+    return torch.ops.hyla_cpu.pack_linear(weight.contiguous())
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """`F.linear(x, weight, bias)` in bf16 with fp32 accumulation, for a weight packed by `pack_linear`."""
+    return torch.ops.hyla_cpu.packed_linear(x, packed, bias, out_features)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
