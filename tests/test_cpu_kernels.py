@@ -91,3 +91,46 @@ def test_kernels_refuse_what_they_cannot_run() -> None:
         assert not cpu_kernels.usable(torch.randn(2, 8))
     with pytest.raises(RuntimeError, match="share a dtype"):
         cpu_kernels.rms_norm(torch.randn(2, 8), torch.randn(8, dtype=torch.bfloat16), 1e-6)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype, conv_dtype, tol", [
+    (torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2), (torch.bfloat16, torch.float32, 2e-2),
+])
+def test_gdn_step_matches_the_unfused_ops(dtype: torch.dtype, conv_dtype: torch.dtype, tol: float) -> None:
+    """Six decode steps of one GDN layer: the fused kernel against the ops it replaces, on strided
+    rows of one projection, permuted slots and fp32 states (in bf16 both round the same values, not
+    always to the same side)."""
+    from hyla.runtime.layers.gated_deltanet import gdn_gates, l2_normalize
+    from hyla.runtime.layers.linear_mixer import gated_rms_norm
+    from hyla.runtime.ops.state_decode import gdn_decode_, short_conv_decode_
+
+    gen = torch.Generator().manual_seed(11)
+    N, H, D, W, slots = 3, 4, 64, 4, 5
+
+    def rand(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    conv_w, a_log, dt_bias, norm_w = rand(3 * H * D, W), rand(H, dtype=torch.float32), rand(H), rand(D)
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    fused = (rand(slots, 3 * H * D, W - 1, dtype=conv_dtype), rand(slots, H, D, D, dtype=torch.float32) * 0.1)
+    unfused = tuple(p.clone() for p in fused)
+    initial = fused[1].clone()
+    for _ in range(6):
+        proj = rand(N, 4 * H * D + 2 * H + 8)[:, 8:]  # strided rows, as split views of a stacked product
+        qkv, gate, a, b = proj.split([3 * H * D, H * D, H, H], -1)
+        got = cpu_kernels.gdn_step_(qkv, gate, a, b, conv_w, *fused, idx, a_log, dt_bias, norm_w, 1e-6, D**-0.5)
+        conv_state, state = unfused
+        y = short_conv_decode_(qkv, conv_w.to(dtype), conv_state, idx)
+        q, k, v = y.view(N, 3, H, D).unbind(1)
+        g, beta = gdn_gates.plain(a, b, a_log, dt_bias)
+        o = gdn_decode_(l2_normalize.plain(q), l2_normalize.plain(k), v, g, beta, state, idx, D**-0.5)
+        want = gated_rms_norm.plain(o, norm_w, 1e-6, gate.view(N, H, D)).reshape(N, -1)
+        assert got.dtype == dtype and rel(got, want) <= tol
+    assert torch.equal(fused[0], unfused[0])
+    assert rel(fused[1], unfused[1]) <= tol
+    untouched = [1, 3]
+    assert torch.equal(fused[1][untouched], initial[untouched])

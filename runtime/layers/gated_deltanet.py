@@ -12,7 +12,7 @@ from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
 from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.linear_mixer import LinearMixer
-from hyla.runtime.ops import gated_delta_rule
+from hyla.runtime.ops import cpu_kernels, gated_delta_rule
 from hyla.runtime.ops.gdn_step_cuda import fused_gdn_step_
 from hyla.runtime.ops.state_decode import gdn_decode_
 
@@ -60,12 +60,14 @@ class GatedDeltaNet(LinearMixer):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         slots = ctx.decode_slots(self.layer_idx)
         qkv, gate, a, b = self.project_in(x)
-        if slots is not None and slots.conv is not None and x.is_cuda and ctx.token_mask is None:
-            o = fused_gdn_step_(
-                qkv[0], gate[0], a[0], b[0], self.conv_weight, slots.conv, slots.recurrent, slots.index,
-                self.A_log, self.dt_bias, self.o_norm.weight, self.o_norm.eps, self.head_dim**-0.5,
-            )
-            return self.o_proj(o[None])
+        if slots is not None and slots.conv is not None and ctx.token_mask is None:
+            step = fused_gdn_step_ if x.is_cuda else cpu_kernels.gdn_step_ if cpu_kernels.usable(qkv, gate, self.o_norm.weight) else None
+            if step is not None:
+                o = step(
+                    qkv[0], gate[0], a[0], b[0], self.conv_weight, slots.conv, slots.recurrent, slots.index,
+                    self.A_log, self.dt_bias, self.o_norm.weight, self.o_norm.eps, self.head_dim**-0.5,
+                )
+                return self.o_proj(o[None])
         q, k, v, conv_state = self.mix_qkv(qkv, ctx, slots)
         q, k = l2_normalize(q), l2_normalize(k)
         g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)

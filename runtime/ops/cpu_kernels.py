@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_decode.cpp", "cpu_linear.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("cpu_decode.cpp", "cpu_linear.cpp", "cpu_gdn.cpp")]
 DTYPES = (torch.bfloat16, torch.float32)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -36,16 +37,19 @@ def enabled() -> bool:
     return os.environ.get("HYLA_CPU_KERNELS", "1") != "0"
 
 
-def _cpu_signature() -> str:
-    """Identifies the instruction set the kernels are built for (a shared cache may serve other CPUs)."""
+def _build_key() -> str:
+    """Identifies a build: this CPU's instruction set (a shared cache may serve other CPUs), torch,
+    and every source and header (torch rebuilds on changed sources, not on changed headers)."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    text = f"{platform.machine()} {flags} {torch.__version__}"
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    digest = hashlib.sha1(f"{platform.machine()} {flags} {torch.__version__}".encode())
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _build() -> bool:
@@ -60,7 +64,7 @@ def _build() -> bool:
     except ImportError:
         pass
     root = Path(os.environ.get("HYLA_KERNELS", Path.home() / ".cache" / "hyla" / "kernels"))
-    directory = root / f"cpu-{_cpu_signature()}"
+    directory = root / f"cpu-{_build_key()}"
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
         print("[hyla] compiling the CPU kernels for this machine (once, a few seconds)...", file=sys.stderr, flush=True)
@@ -136,6 +140,17 @@ def pack_linear(weight: Tensor) -> Tensor:
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
     """`F.linear(x, weight, bias)` in bf16 with fp32 accumulation, for a weight packed by `pack_linear`."""
     return torch.ops.hyla_cpu.packed_linear(x, packed, bias, out_features)
+
+
+def gdn_step_(
+    qkv: Tensor, gate: Tensor, a: Tensor, b: Tensor, conv_weight: Tensor, conv_state: Tensor, state: Tensor,
+    state_idx: Tensor, a_log: Tensor, dt_bias: Tensor, norm_weight: Tensor, norm_eps: float, scale: float,
+) -> Tensor:
+    """One Gated DeltaNet decode step, as `hyla.runtime.ops.gdn_step_cuda.fused_gdn_step_` on CUDA:
+    the conv and recurrent state slots are updated in place; returns `RMSNorm(o)·SiLU(gate)`."""
+    return torch.ops.hyla_cpu.gdn_step_(
+        qkv, gate, a, b, conv_weight, conv_state, state, state_idx, a_log, dt_bias, norm_weight, norm_eps, scale
+    )
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
