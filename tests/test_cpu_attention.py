@@ -7,7 +7,9 @@ import torch
 
 from hyla.runtime.ops import paged_attention as pa
 from hyla.runtime.ops import cpu_kernels
-from hyla.runtime.ops.cpu_attention import decode_attention_cpu, decode_attention_sdpa, gather_blocks, prefill_attention_cpu
+from hyla.runtime.ops.cpu_attention import (
+    decode_attention_cpu, decode_attention_sdpa, gather_blocks, prefill_attention_cpu, prefill_attention_sdpa,
+)
 from tests.test_paged_ops import make_pool
 
 D = 64
@@ -71,17 +73,23 @@ def test_decode_kernel_other_head_widths_and_a_strided_query(head_dim: int, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3)])
-def test_prefill_matches_reference(Hq: int, Hkv: int, dtype: torch.dtype) -> None:
-    """Fresh prompts (two of one length: one batched call), chunks after a cached prefix, an idle row."""
+@pytest.mark.parametrize("impl", ["dispatch", "sdpa"])
+@pytest.mark.parametrize("head_dim", [D, 128])
+def test_prefill_matches_reference(head_dim: int, impl: str, Hq: int, Hkv: int, dtype: torch.dtype) -> None:
+    """Fresh prompts (two of one length), chunks after a cached prefix, an idle row, a context of
+    several hundred tokens (in bf16 `prefill_attention_cpu` runs the C++ kernel here)."""
+    if impl == "dispatch" and dtype == torch.bfloat16:
+        assert cpu_kernels.available()
+    fn = prefill_attention_cpu if impl == "dispatch" else prefill_attention_sdpa
     gen = torch.Generator().manual_seed(Hq)
     block_size = 16
-    qlens = [37, 5, 37, 0, 16, 1]
-    ctxs = [37, 70, 37, 9, 48, 20]
-    k_cache, v_cache, tables, _, _ = make_pool(ctxs, Hkv, block_size, dtype, gen, D)
-    q = torch.randn(sum(qlens), Hq, D, generator=gen).to(dtype)
+    qlens = [37, 5, 37, 0, 16, 1, 300]
+    ctxs = [37, 70, 37, 9, 48, 20, 333]
+    k_cache, v_cache, tables, _, _ = make_pool(ctxs, Hkv, block_size, dtype, gen, head_dim)
+    q = torch.randn(sum(qlens), Hq, head_dim, generator=gen).to(dtype)
     cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
     ctx = torch.tensor(ctxs, dtype=torch.int32)
-    got = prefill_attention_cpu(q, k_cache, v_cache, tables, cu, ctx, 0.2, block_size)
+    got = fn(q, k_cache, v_cache, tables, cu, ctx, 0.2, block_size)
     want = pa._prefill_reference(q, k_cache, v_cache, tables, cu, ctx, 0.2, block_size)
     assert got.dtype == dtype and got.shape == q.shape
     tol = tolerance(dtype)

@@ -99,7 +99,19 @@ def prefill_attention_cpu(
     context_lens: Tensor, scale: float, block_size: int,
 ) -> Tensor:
     """Causal attention of packed chunks q ``[T, Hq, D]`` (chunk n's queries are the last ``qlen_n``
-    of its ``context_lens[n]`` positions) -> ``[T, Hq, D]`` in q's dtype."""
+    of its ``context_lens[n]`` positions) -> ``[T, Hq, D]`` in q's dtype. bf16 runs the C++ kernel
+    where the CPU has AVX512-BF16; the gather and SDPA below are its fallback and reference."""
+    if cpu_kernels.prefill_supported(q) and k_cache.dtype == q.dtype:
+        return cpu_kernels.prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                             block_size)
+    return prefill_attention_sdpa(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, block_size)
+
+
+def prefill_attention_sdpa(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor,
+    context_lens: Tensor, scale: float, block_size: int,
+) -> Tensor:
+    """`prefill_attention_cpu` as block gathers and PyTorch's fused attention."""
     cu = cu_seqlens_q.tolist()
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for n, ctx in enumerate(context_lens.tolist()):

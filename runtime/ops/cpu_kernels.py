@@ -27,7 +27,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("cpu_decode.cpp", "cpu_linear.cpp", "cpu_gdn.cpp")]
+SOURCES = [CSRC / name for name in ("cpu_decode.cpp", "cpu_linear.cpp", "cpu_gdn.cpp", "cpu_prefill.cpp")]
 DTYPES = (torch.bfloat16, torch.float32)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -125,6 +125,23 @@ def decode_attention(
 ) -> Tensor:
     """One query per sequence over its paged context, read in place; empty contexts give zeros."""
     return torch.ops.hyla_cpu.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, block_size)
+
+
+def prefill_supported(q: Tensor) -> bool:
+    """Whether `prefill_attention` takes q: bf16 with a head width a multiple of 16, on a CPU with
+    AVX512-BF16."""
+    return (q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and usable(q)
+            and bool(torch.ops.hyla_cpu.prefill_supported()))
+
+
+def prefill_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens_q: Tensor, context_lens: Tensor,
+    scale: float, block_size: int,
+) -> Tensor:
+    """Causal attention of packed chunks q `[T, Hq, D]` (chunk n's queries are the last of its
+    `context_lens[n]` positions) over the paged pool, read in place."""
+    return torch.ops.hyla_cpu.prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                                block_size)
 
 
 def linear_supported() -> bool:
