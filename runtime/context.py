@@ -58,6 +58,10 @@ class ForwardContext:
         """On a one-token-per-sequence pass over pooled states: the pools to update in place."""
         return None
 
+    def pooled_slots(self, layer_idx: int) -> LinearSlots | None:
+        """On a packed pass (any chunk lengths) over pooled fp32 states: the pools to update in place."""
+        return None
+
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Repeat each KV head for the query heads of its group: `[B, Hkv, S, D]` -> `[B, Hq, S, D]`."""

@@ -79,8 +79,11 @@ class PagedContext(ForwardContext):
         return out[None]
 
     def decode_slots(self, layer_idx: int) -> LinearSlots | None:
+        return self.pooled_slots(layer_idx) if self.meta.decode else None
+
+    def pooled_slots(self, layer_idx: int) -> LinearSlots | None:
         conv, recurrent = self.states.layer(layer_idx)
-        if not self.meta.decode or recurrent.dtype != torch.float32:
+        if recurrent.dtype != torch.float32:
             return None
         return LinearSlots(conv, recurrent, self.meta.state_idx)
 

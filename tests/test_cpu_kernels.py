@@ -100,7 +100,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype, conv_dtype, tol", [
     (torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 2e-2), (torch.bfloat16, torch.float32, 2e-2),
 ])
-def test_gdn_step_matches_the_unfused_ops(dtype: torch.dtype, conv_dtype: torch.dtype, tol: float) -> None:
+def test_gdn_decode_steps_match_the_unfused_ops(dtype: torch.dtype, conv_dtype: torch.dtype, tol: float) -> None:
     """Six decode steps of one GDN layer: the fused kernel against the ops it replaces, on strided
     rows of one projection, permuted slots and fp32 states (in bf16 both round the same values, not
     always to the same side)."""
@@ -122,7 +122,8 @@ def test_gdn_step_matches_the_unfused_ops(dtype: torch.dtype, conv_dtype: torch.
     for _ in range(6):
         proj = rand(N, 4 * H * D + 2 * H + 8)[:, 8:]  # strided rows, as split views of a stacked product
         qkv, gate, a, b = proj.split([3 * H * D, H * D, H, H], -1)
-        got = cpu_kernels.gdn_step_(qkv, gate, a, b, conv_w, *fused, idx, a_log, dt_bias, norm_w, 1e-6, D**-0.5)
+        got = cpu_kernels.gdn_forward_(qkv, gate, a, b, conv_w, *fused, idx, torch.arange(N + 1), a_log, dt_bias, norm_w,
+                                       1e-6, D**-0.5)
         conv_state, state = unfused
         y = short_conv_decode_(qkv, conv_w.to(dtype), conv_state, idx)
         q, k, v = y.view(N, 3, H, D).unbind(1)
@@ -134,3 +135,40 @@ def test_gdn_step_matches_the_unfused_ops(dtype: torch.dtype, conv_dtype: torch.
     assert rel(fused[1], unfused[1]) <= tol
     untouched = [1, 3]
     assert torch.equal(fused[1][untouched], initial[untouched])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_gdn_forward_on_packed_chunks_matches_the_chunked_reference(dtype: torch.dtype, tol: float) -> None:
+    """Prefill chunks of several lengths (one empty) continuing from their slots' states: the
+    kernel's token-by-token recurrence against the varlen conv and the chunked delta rule."""
+    from hyla.runtime.layers.gated_deltanet import gdn_gates, l2_normalize
+    from hyla.runtime.layers.linear_mixer import gated_rms_norm
+    from hyla.runtime.ops import gated_delta_rule, short_conv
+
+    gen = torch.Generator().manual_seed(12)
+    H, D, W, slots = 3, 64, 4, 6
+    lens = [5, 0, 37, 1, 70]
+    T, N = sum(lens), len(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+
+    def rand(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    conv_w, a_log, dt_bias, norm_w = rand(3 * H * D, W), rand(H, dtype=torch.float32), rand(H), rand(D)
+    idx = torch.tensor([5, 1, 0, 3, 2])
+    conv_pool, state_pool = rand(slots, 3 * H * D, W - 1), rand(slots, H, D, D, dtype=torch.float32) * 0.1
+    proj = rand(T, 4 * H * D + 2 * H)
+    qkv, gate, a, b = proj.split([3 * H * D, H * D, H, H], -1)
+    y, conv_want = short_conv(qkv[None], conv_w.to(dtype), conv_state=conv_pool[idx], cu_seqlens=cu)
+    q, k, v = y[0].view(T, 3, H, D).unbind(1)
+    g, beta = gdn_gates.plain(a, b, a_log, dt_bias)
+    o, state_want = gated_delta_rule(
+        l2_normalize.plain(q)[None], l2_normalize.plain(k)[None], v[None], g[None], beta[None],
+        scale=D**-0.5, initial_state=state_pool[idx], cu_seqlens=cu, mode="chunk",
+    )
+    want = gated_rms_norm.plain(o[0], norm_w, 1e-6, gate.view(T, H, D)).reshape(T, -1)
+    got = cpu_kernels.gdn_forward_(qkv, gate, a, b, conv_w, conv_pool, state_pool, idx, cu, a_log, dt_bias, norm_w,
+                                   1e-6, D**-0.5)
+    assert rel(got, want) <= tol
+    torch.testing.assert_close(conv_pool[idx].float(), conv_want.float(), atol=tol, rtol=tol)
+    assert rel(state_pool[idx], state_want) <= tol

@@ -58,16 +58,11 @@ class GatedDeltaNet(LinearMixer):
         return (*super().input_projections(), self.a_proj, self.b_proj)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        slots = ctx.decode_slots(self.layer_idx)
         qkv, gate, a, b = self.project_in(x)
-        if slots is not None and slots.conv is not None and ctx.token_mask is None:
-            step = fused_gdn_step_ if x.is_cuda else cpu_kernels.gdn_step_ if cpu_kernels.usable(qkv, gate, self.o_norm.weight) else None
-            if step is not None:
-                o = step(
-                    qkv[0], gate[0], a[0], b[0], self.conv_weight, slots.conv, slots.recurrent, slots.index,
-                    self.A_log, self.dt_bias, self.o_norm.weight, self.o_norm.eps, self.head_dim**-0.5,
-                )
-                return self.o_proj(o[None])
+        fused = self._fused(qkv, gate, a, b, ctx)
+        if fused is not None:
+            return self.o_proj(fused[None])
+        slots = ctx.decode_slots(self.layer_idx)
         q, k, v, conv_state = self.mix_qkv(qkv, ctx, slots)
         q, k = l2_normalize(q), l2_normalize(k)
         g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
@@ -80,3 +75,21 @@ class GatedDeltaNet(LinearMixer):
         )
         ctx.store_linear_state(self.layer_idx, conv_state, state)
         return self.project_out(o, gate)
+
+    def _fused(
+        self, qkv: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor | None:
+        """The layer after its projections as one kernel, where one applies: CUDA decode steps (Triton)
+        and every packed pass on CPU (C++), over pooled states with a short conv. Else None."""
+        if ctx.token_mask is not None or self.conv_weight is None:
+            return None
+        args = (self.A_log, self.dt_bias, self.o_norm.weight, self.o_norm.eps, self.head_dim**-0.5)
+        if qkv.is_cuda:
+            slots = ctx.decode_slots(self.layer_idx)
+            if slots is None:
+                return None
+            return fused_gdn_step_(qkv[0], gate[0], a[0], b[0], self.conv_weight, *slots, *args)
+        slots = ctx.pooled_slots(self.layer_idx)
+        if slots is None or not cpu_kernels.usable(qkv, gate, self.o_norm.weight):
+            return None
+        return cpu_kernels.gdn_forward_(qkv[0], gate[0], a[0], b[0], self.conv_weight, *slots, ctx.cu_seqlens, *args)

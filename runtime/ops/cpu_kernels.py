@@ -159,14 +159,18 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: 
     return torch.ops.hyla_cpu.packed_linear(x, packed, bias, out_features)
 
 
-def gdn_step_(
+def gdn_forward_(
     qkv: Tensor, gate: Tensor, a: Tensor, b: Tensor, conv_weight: Tensor, conv_state: Tensor, state: Tensor,
-    state_idx: Tensor, a_log: Tensor, dt_bias: Tensor, norm_weight: Tensor, norm_eps: float, scale: float,
+    state_idx: Tensor, cu_seqlens: Tensor, a_log: Tensor, dt_bias: Tensor, norm_weight: Tensor, norm_eps: float,
+    scale: float,
 ) -> Tensor:
-    """One Gated DeltaNet decode step, as `hyla.runtime.ops.gdn_step_cuda.fused_gdn_step_` on CUDA:
-    the conv and recurrent state slots are updated in place; returns `RMSNorm(o)·SiLU(gate)`."""
-    return torch.ops.hyla_cpu.gdn_step_(
-        qkv, gate, a, b, conv_weight, conv_state, state, state_idx, a_log, dt_bias, norm_weight, norm_eps, scale
+    """A Gated DeltaNet layer over packed chunks (rows `cu_seqlens[n]:cu_seqlens[n+1]` are sequence
+    n's, continuing from state slot `state_idx[n]`), from the stacked projection rows qkv `[T, 3·H·D]`,
+    gate `[T, H·D]`, a and b `[T, H]` to `RMSNorm(o)·SiLU(gate)` `[T, H·D]`; the conv and recurrent
+    state slots are updated in place."""
+    return torch.ops.hyla_cpu.gdn_forward_(
+        qkv, gate, a, b, conv_weight, conv_state, state, state_idx, cu_seqlens, a_log, dt_bias, norm_weight,
+        norm_eps, scale,
     )
 
 

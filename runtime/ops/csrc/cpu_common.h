@@ -21,25 +21,21 @@ inline float load(const bf16_bits* p, int64_t i) {
 }
 
 inline float round_to(float x, float*) { return x; }
-inline float round_to(float x, bf16_bits*) {  // round to nearest even, as torch does
+inline float round_to(float x, bf16_bits*) {  // round to nearest even, as torch does; NaN stays NaN
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return x;  // NaN stays NaN
-  bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
   float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  std::memcpy(&f, &rounded, 4);
+  return x != x ? x : f;  // branch-free, so loops around it vectorise
 }
 
 inline void store(float* p, int64_t i, float x) { p[i] = x; }
 inline void store(bf16_bits* p, int64_t i, float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    p[i] = 0x7fc0;
-    return;
-  }
-  p[i] = static_cast<bf16_bits>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  p[i] = x != x ? bf16_bits(0x7fc0) : static_cast<bf16_bits>(rounded);
 }
 
 // e^x for x <= 0 (softmax after the max is taken): 2^n * p(r), relative error ~2e-7.
@@ -65,10 +61,10 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// x / (1 + e^-x) in fp32, without overflow
+// x / (1 + e^-x) in fp32, without overflow (branch-free)
 inline float silu(float x) {
-  const float e = x >= 0.0f ? exp_nonpositive(-x) : 1.0f / exp_nonpositive(x);
-  return x / (1.0f + e);
+  const float e = exp_nonpositive(x < 0.0f ? x : -x);  // e^-|x|
+  return x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e);
 }
 
 }  // namespace hyla_cpu
