@@ -61,10 +61,10 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
-// x / (1 + e^-x) in fp32, without overflow (branch-free)
+// x / (1 + e^-x) in fp32, without overflow (branch-free, one division)
 inline float silu(float x) {
   const float e = exp_nonpositive(x < 0.0f ? x : -x);  // e^-|x|
-  return x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e);
+  return (x < 0.0f ? x * e : x) / (1.0f + e);
 }
 
 }  // namespace hyla_cpu
