@@ -175,8 +175,8 @@ def print_tables(result: dict[str, Any]) -> None:
                f"copy bandwidth {result['copy_bandwidth_gb_s']:.1f} GB/s, matmul peak {result['peak_tflops']:.2f} "
                f"TFLOP/s ({result['peak_source']})")
     head = (f"{'model':<22} {'ctx':>6} {'batch':>5} {'dec ms':>8} {'floor':>7} {'xfloor':>6} {'tok/s':>8} "
-            f"{'TTFT ms':>9} {'pf tok/s':>9} {'MFU':>6} {'HF ms':>8} {'HF tok/s':>8} {'vs HF':>6} "
-            f"{'vLLM ms':>8} {'vLLM t/s':>8} {'vs vLLM':>7}")
+            f"{'TTFT ms':>9} {'pf tok/s':>9} {'MFU':>6} {'HF ms':>8} {'HF tok/s':>8} {'vs HF':>12} "
+            f"{'vLLM ms':>8} {'vLLM t/s':>8} {'vs vLLM':>12}")
     typer.echo(head)
     for r in result["points"]:
         e = r["engine"]
@@ -192,10 +192,11 @@ def print_tables(result: dict[str, Any]) -> None:
             p, ratio = r.get(peer), r.get(key)
             if p and "error" not in p:
                 line += f" {p['decode_step_ms']:>8.2f} {p['output_tok_s']:>8.1f} "
-                line += f"{ratio['output_tok_s']:>6.2f}x" if ratio else f"{'':>7}"
+                line += f"{ratio['output_tok_s']:>5.2f}x/{ratio['decode']:.2f}x" if ratio else f"{'':>12}"
             else:
-                line += f" {'-' if not p else 'error':>8} {'':>8} {'':>7}"
+                line += f" {'-' if not p else 'error':>8} {'':>8} {'':>12}"
         typer.echo(line)
+    typer.echo("vs: the engine's output tok/s (prefill included) / its decode step speed, over the peer's")
     if any(r["engine"].get("decode_timing") == "per-request" for r in result["points"]):
         typer.echo("~ no step had the whole batch decoding, so the decode time is per request and includes "
                    "the later prompts' prefill: raise --max-tokens or --max-num-batched-tokens")

@@ -75,7 +75,7 @@ class PackedLinear(nn.Linear):
     def packs(self, x: torch.Tensor) -> bool:
         """Whether `x` runs on the packed weight: CPU inference in a packed dtype."""
         w = self.weight
-        return not torch.is_grad_enabled() and w.device.type == "cpu" and w.dtype in PACK_DTYPES and x.dtype == w.dtype
+        return not torch.is_grad_enabled() and w.is_cpu and w.dtype in PACK_DTYPES and x.dtype == w.dtype
 
     def packed_weight(self) -> Packed:
         """The packed weight, repacked when the weight's storage, version or dtype changed."""

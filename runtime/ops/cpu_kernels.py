@@ -92,12 +92,17 @@ def available() -> bool:
 
 
 def usable(*tensors: Tensor) -> bool:
-    """Whether the kernels can take these tensors: CPU inference, one supported dtype."""
-    first = tensors[0]
-    return (
-        first.device.type == "cpu" and first.dtype in DTYPES and not torch.is_grad_enabled()
-        and all(t.dtype == first.dtype and t.device.type == "cpu" for t in tensors) and available()
-    )
+    """Whether the kernels can take these tensors: CPU inference, one supported dtype. (Called
+    several times a layer: the cheap checks go first.)"""
+    if torch.is_grad_enabled():
+        return False
+    dtype = tensors[0].dtype
+    if dtype not in DTYPES:
+        return False
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu:
+            return False
+    return available()
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
