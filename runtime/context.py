@@ -27,6 +27,19 @@ class LinearSlots(NamedTuple):
     """`[N]` the slot of each sequence."""
 
 
+class PagedKV(NamedTuple):
+    """A softmax layer's paged K/V pools and the step's layout, for kernels that run the whole layer."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    decode: bool
+    block_size: int
+
+
 class ForwardContext:
     """What the layers need from their surroundings for one forward pass."""
 
@@ -60,6 +73,10 @@ class ForwardContext:
 
     def pooled_slots(self, layer_idx: int) -> LinearSlots | None:
         """On a packed pass (any chunk lengths) over pooled fp32 states: the pools to update in place."""
+        return None
+
+    def paged_kv(self, layer_idx: int) -> PagedKV | None:
+        """On a packed pass over the paged KV pool: a softmax layer's pools and the step's layout."""
         return None
 
 

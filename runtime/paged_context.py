@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hyla.runtime.context import ForwardContext, LinearSlots
+from hyla.runtime.context import ForwardContext, LinearSlots, PagedKV
 from hyla.runtime.kv_cache import PagedKVCache
 from hyla.runtime.ops import cpu_kernels
 from hyla.runtime.ops.paged_attention import paged_decode_attention, paged_prefill_attention
@@ -77,6 +77,12 @@ class PagedContext(ForwardContext):
                 max_query_len=m.max_query_len, block_size=self.kv.block_size,
             )
         return out[None]
+
+    def paged_kv(self, layer_idx: int) -> PagedKV | None:
+        m = self.meta
+        keys, values = self.kv.keys_values(layer_idx)
+        return PagedKV(keys, values, m.slot_mapping, m.block_tables, m.context_lens, m.cu_seqlens, m.decode,
+                       self.kv.block_size)
 
     def decode_slots(self, layer_idx: int) -> LinearSlots | None:
         return self.pooled_slots(layer_idx) if self.meta.decode else None

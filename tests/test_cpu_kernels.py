@@ -172,3 +172,50 @@ def test_gdn_forward_on_packed_chunks_matches_the_chunked_reference(dtype: torch
     assert rel(got, want) <= tol
     torch.testing.assert_close(conv_pool[idx].float(), conv_want.float(), atol=tol, rtol=tol)
     assert rel(state_pool[idx], state_want) <= tol
+
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+def test_layer_halves_match_the_layer_modules_in_the_engine(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 engine runs (prefill, a cached-prefix suffix, decode) with each decoder layer's halves as
+    one C++ op each, against the same runs through the layer modules."""
+    from hyla.convert.transfer import hybrid_from_teacher
+    from hyla.runtime.engine import LLMEngine
+    from hyla.runtime.engine_config import EngineConfig
+    from hyla.runtime.layers import cpu_halves
+    from hyla.runtime.sampling_params import SamplingParams
+    from tests.tiny_models import tiny_teacher
+
+    teacher = tiny_teacher("llama")
+    model = teacher if kind == "teacher" else hybrid_from_teacher(teacher, ["gdn", "attention", "gdn", "gdn"], seed=2)
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(3, 128, (40,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 17)] + [prefix[:9]]
+    params = SamplingParams(max_tokens=10, temperature=0, prompt_logprobs=0)
+    calls = {"attention": 0, "mlp": 0}
+    attention_half, mlp_residual = cpu_halves.attention_half, cpu_halves.mlp_residual
+
+    def counted(name, fn):
+        def run(*args):
+            out = fn(*args)
+            calls[name] += out is not None
+            return out
+        return run
+
+    def generate() -> tuple[list, list]:
+        import copy
+
+        eng = LLMEngine(copy.deepcopy(model), None, EngineConfig(model="tiny", dtype="bfloat16", cache_memory="32MiB"))
+        outs = eng.generate(prompts[:2], params) + eng.generate(prompts[2:], params)
+        return ([o.outputs[0].token_ids for o in outs],
+                [[next(iter(lp.values()))[0] for lp in o.prompt_logprobs[1:]] for o in outs])
+
+    monkeypatch.setattr(cpu_halves, "attention_half", counted("attention", attention_half))
+    monkeypatch.setattr(cpu_halves, "mlp_residual", counted("mlp", mlp_residual))
+    tokens, logprobs = generate()
+    assert calls["mlp"] > 0 and (calls["attention"] > 0)
+    monkeypatch.setattr(cpu_halves, "attention_half", lambda *args: None)
+    monkeypatch.setattr(cpu_halves, "mlp_residual", lambda *args: None)
+    want_tokens, want_logprobs = generate()
+    assert tokens == want_tokens
+    for a, b in zip(logprobs, want_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-2, rtol=0)

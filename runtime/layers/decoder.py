@@ -7,6 +7,7 @@ from torch import nn
 
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
+from hyla.runtime.layers import cpu_halves
 from hyla.runtime.layers.attention import SoftmaxAttention
 from hyla.runtime.layers.gated_deltanet import GatedDeltaNet
 from hyla.runtime.layers.gla import GatedLinearAttention
@@ -32,5 +33,11 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), ctx))
+        a = cpu_halves.attention_half(self.self_attn, self.input_layernorm, x, ctx)
+        if a is None:
+            a = self.self_attn(self.input_layernorm(x), ctx)
+        out = cpu_halves.mlp_residual(self.mlp, self.post_attention_layernorm, x, a)
+        if out is not None:
+            return out
+        x, h = self.post_attention_layernorm.add_forward(x, a)
         return x + self.mlp(h)

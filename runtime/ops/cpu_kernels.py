@@ -27,7 +27,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("cpu_decode.cpp", "cpu_linear.cpp", "cpu_gdn.cpp", "cpu_prefill.cpp")]
+SOURCES = [CSRC / name for name in (
+    "cpu_decode.cpp", "cpu_linear.cpp", "cpu_gdn.cpp", "cpu_prefill.cpp", "cpu_blocks.cpp",
+)]
 DTYPES = (torch.bfloat16, torch.float32)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -176,6 +178,26 @@ def gdn_forward_(
     return torch.ops.hyla_cpu.gdn_forward_(
         qkv, gate, a, b, conv_weight, conv_state, state, state_idx, cu_seqlens, a_log, dt_bias, norm_weight,
         norm_eps, scale,
+    )
+
+
+def mlp_residual(
+    x: Tensor, a: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor, gate_up_bias: Tensor | None, inter: int,
+    down: Tensor, down_bias: Tensor | None,
+) -> Tensor:
+    """`h + down(SiLU(gate) * up)` with `h = x + a` and gate/up = the packed `gate_up` product of `RMSNorm(h)`."""
+    return torch.ops.hyla_cpu.mlp_residual(x, a, norm_weight, eps, gate_up, gate_up_bias, inter, down, down_bias)
+
+
+def attention_half(
+    x: Tensor, norm_weight: Tensor, eps: float, qkv: Tensor, qkv_bias: Tensor | None, heads: int, kv_heads: int,
+    head_dim: int, cos: Tensor, sin: Tensor, kv: object, scale: float, o: Tensor, o_bias: Tensor | None,
+) -> Tensor:
+    """`o_proj(attention(rotary(qkv(RMSNorm(x)))))` over the paged pools of `kv` (a `PagedKV`), the new
+    keys and values stored; the packed products `qkv` and `o`."""
+    return torch.ops.hyla_cpu.attention_half(
+        x, norm_weight, eps, qkv, qkv_bias, heads, kv_heads, head_dim, cos, sin, kv.keys, kv.values, kv.slot_mapping,
+        kv.block_tables, kv.context_lens, kv.cu_seqlens, kv.decode, scale, kv.block_size, o, o_bias,
     )
 
 
