@@ -6,7 +6,7 @@ step of a small model on a few cores is bound by the count of PyTorch ops it run
 arithmetic: RMSNorm, rotary embedding, the KV-cache store and SiLU-and-mul each take several
 ops, and decode attention a gather of every context plus a padded SDPA. The kernels here do each
 in one op. They are compiled for this machine's CPU (`-march=native`) on first use, which takes
-a few seconds once, and cached under `$HYLA_KERNELS` (default `~/.cache/hyla/kernels`; a
+about half a minute once, and cached under `$HYLA_KERNELS` (default `~/.cache/hyla/kernels`; a
 scratch `$HYLA_CACHE` does not rebuild them). Where no compiler is found the
 PyTorch code they replace runs instead (a warning says so); `HYLA_CPU_KERNELS=0` turns them off.
 Each op's PyTorch reference is the layer code it stands in for; the tests compare the two.
@@ -69,7 +69,7 @@ def _build() -> bool:
     directory = root / f"cpu-{_build_key()}"
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
-        print("[hyla] compiling the CPU kernels for this machine (once, a few seconds)...", file=sys.stderr, flush=True)
+        print("[hyla] compiling the CPU kernels for this machine (once, about half a minute)...", file=sys.stderr, flush=True)
     cpp_extension.load(
         name="hyla_cpu", sources=[str(s) for s in SOURCES], build_directory=str(directory), is_python_module=False,
         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
