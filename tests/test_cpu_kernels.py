@@ -191,8 +191,8 @@ def test_layer_halves_match_the_layer_modules_in_the_engine(kind: str, monkeypat
     prefix = torch.randint(3, 128, (40,), generator=g).tolist()
     prompts = [prefix + torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 17)] + [prefix[:9]]
     params = SamplingParams(max_tokens=10, temperature=0, prompt_logprobs=0)
-    calls = {"attention": 0, "mlp": 0}
-    attention_half, mlp_residual = cpu_halves.attention_half, cpu_halves.mlp_residual
+    calls = {"mixer": 0, "mlp": 0}
+    mixer_half, mlp_residual = cpu_halves.mixer_half, cpu_halves.mlp_residual
 
     def counted(name, fn):
         def run(*args):
@@ -209,11 +209,11 @@ def test_layer_halves_match_the_layer_modules_in_the_engine(kind: str, monkeypat
         return ([o.outputs[0].token_ids for o in outs],
                 [[next(iter(lp.values()))[0] for lp in o.prompt_logprobs[1:]] for o in outs])
 
-    monkeypatch.setattr(cpu_halves, "attention_half", counted("attention", attention_half))
+    monkeypatch.setattr(cpu_halves, "mixer_half", counted("mixer", mixer_half))
     monkeypatch.setattr(cpu_halves, "mlp_residual", counted("mlp", mlp_residual))
     tokens, logprobs = generate()
-    assert calls["mlp"] > 0 and (calls["attention"] > 0)
-    monkeypatch.setattr(cpu_halves, "attention_half", lambda *args: None)
+    assert calls["mlp"] > 0 and calls["mixer"] > 0
+    monkeypatch.setattr(cpu_halves, "mixer_half", lambda *args: None)
     monkeypatch.setattr(cpu_halves, "mlp_residual", lambda *args: None)
     want_tokens, want_logprobs = generate()
     assert tokens == want_tokens

@@ -1,7 +1,7 @@
 """A decoder layer's two halves as one C++ op each, for the engine's packed passes on the CPU.
 
 At batch 1 a small model's decode step on a few cores is bound by the Python around its ops (module
-calls, checks, views), not by the ops. `attention_half` and `mlp_residual` run the same kernels the
+calls, checks, views), not by the ops. `mixer_half` and `mlp_residual` run the same kernels the
 layer modules call, chained in C++ (`csrc/cpu_blocks.cpp`), where every linear runs hyla's packed
 bf16 kernel. They return None wherever that does not hold, and the modules run instead: they are
 the reference the tests hold these to.
@@ -14,6 +14,7 @@ import torch
 from hyla.runtime.context import ForwardContext
 from hyla.runtime.layers.attention import SoftmaxAttention
 from hyla.runtime.layers.cpu_linear import Packed, PackedLinear
+from hyla.runtime.layers.gated_deltanet import GatedDeltaNet
 from hyla.runtime.layers.mlp import GatedMLP
 from hyla.runtime.layers.norm import RMSNorm
 from hyla.runtime.ops import cpu_kernels
@@ -33,20 +34,43 @@ def _packed(x: torch.Tensor, linears: tuple[torch.nn.Module, ...]) -> tuple[Pack
     return (packed, bias) if packed.hyla else None
 
 
-def attention_half(attn: torch.nn.Module, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-    """`attn(norm(x), ctx)` as one op, or None where it does not apply."""
-    if type(attn) is not SoftmaxAttention or attn.q_norm is not None or x.dtype != torch.bfloat16:
+def mixer_half(mixer: torch.nn.Module, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    """`mixer(norm(x), ctx)` as one op for softmax attention and Gated DeltaNet, or None where it
+    does not apply."""
+    if x.dtype != torch.bfloat16 or not cpu_kernels.usable(x, norm.weight):
         return None
+    if type(mixer) is SoftmaxAttention:
+        return _attention(mixer, norm, x, ctx)
+    if type(mixer) is GatedDeltaNet:
+        return _gdn(mixer, norm, x, ctx)
+    return None
+
+
+def _attention(attn: SoftmaxAttention, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
     kv = ctx.paged_kv(attn.layer_idx)
-    cos, sin = ctx.rope
-    if kv is None or not cpu_kernels.usable(x, norm.weight, kv.keys, cos) or attn.head_dim % 16:
+    if attn.q_norm is not None or kv is None or attn.head_dim % 16 or not cpu_kernels.usable(x, kv.keys, ctx.rope[0]):
         return None
     qkv, o = _packed(x, attn.input_projections()), _packed(x, (attn.o_proj,))
     if qkv is None or o is None:
         return None
+    cos, sin = ctx.rope
     return cpu_kernels.attention_half(
         x, norm.weight, norm.eps, qkv[0].weight, qkv[1], attn.num_heads, attn.num_kv_heads, attn.head_dim, cos, sin,
         kv, attn.head_dim**-0.5, o[0].weight, o[1],
+    )
+
+
+def _gdn(gdn: GatedDeltaNet, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    slots = ctx.pooled_slots(gdn.layer_idx)
+    if slots is None or slots.conv is None or ctx.token_mask is not None or gdn.o_norm.weight.dtype != x.dtype:
+        return None
+    proj, o = _packed(x, gdn.input_projections()), _packed(x, (gdn.o_proj,))
+    if proj is None or o is None:
+        return None
+    return cpu_kernels.gdn_half(
+        x, norm.weight, norm.eps, proj[0].weight, proj[1], gdn.num_heads, gdn.head_dim, gdn.conv_weight, slots,
+        ctx.cu_seqlens, gdn.A_log, gdn.dt_bias, gdn.o_norm.weight, gdn.o_norm.eps, gdn.head_dim**-0.5, o[0].weight,
+        o[1],
     )
 
 

@@ -33,7 +33,7 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(config)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        a = cpu_halves.attention_half(self.self_attn, self.input_layernorm, x, ctx)
+        a = cpu_halves.mixer_half(self.self_attn, self.input_layernorm, x, ctx)
         if a is None:
             a = self.self_attn(self.input_layernorm(x), ctx)
         out = cpu_halves.mlp_residual(self.mlp, self.post_attention_layernorm, x, a)

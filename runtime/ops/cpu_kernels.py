@@ -201,6 +201,19 @@ def attention_half(
     )
 
 
+def gdn_half(
+    x: Tensor, norm_weight: Tensor, eps: float, proj: Tensor, proj_bias: Tensor | None, heads: int, head_dim: int,
+    conv_weight: Tensor, slots: object, cu_seqlens: Tensor, a_log: Tensor, dt_bias: Tensor, o_norm_weight: Tensor,
+    o_norm_eps: float, scale: float, o: Tensor, o_bias: Tensor | None,
+) -> Tensor:
+    """A Gated DeltaNet mixer from `RMSNorm(x)` on: the packed q/k/v/gate/a/b product `proj`, `gdn_forward_`
+    on the state slots of `slots` (a `LinearSlots`), the packed output product `o`."""
+    return torch.ops.hyla_cpu.gdn_half(
+        x, norm_weight, eps, proj, proj_bias, heads, head_dim, conv_weight, slots.conv, slots.recurrent, slots.index,
+        cu_seqlens, a_log, dt_bias, o_norm_weight, o_norm_eps, scale, o, o_bias,
+    )
+
+
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """`F.silu(gate) * up` for `[rows, M]` views."""
     return torch.ops.hyla_cpu.silu_mul(gate, up)

@@ -1,6 +1,6 @@
 // A decoder layer's two halves as one op each on the CPU, for the packed passes of the engine:
-// the softmax-attention half (norm, q/k/v product, rotary, KV store, paged attention, output
-// product) and the MLP half (residual add, norm, gate/up product, SiLU-and-mul, down product,
+// the mixer half (norm, input product, then rotary, KV store and paged attention for softmax
+// attention, or the Gated DeltaNet op, then the output product) and the MLP half (residual add, norm, gate/up product, SiLU-and-mul, down product,
 // residual add). They chain hyla's own CPU ops in C++, so a layer costs two calls from Python
 // instead of a dozen module calls, checks and views: at batch 1 a small model's decode step is
 // bound by those. Each op is the one its layer module would call, so the results are the same.
@@ -63,9 +63,31 @@ Tensor attention_half(const Tensor& x, const Tensor& norm_weight, double eps, co
   return linear(o.view({1, T, q_width}), o_packed, o_bias, x.size(-1));
 }
 
+Tensor gdn_half(const Tensor& x, const Tensor& norm_weight, double eps, const Tensor& proj_packed,
+                const OptTensor& proj_bias, int64_t heads, int64_t head_dim, const Tensor& conv_weight, Tensor conv_state,
+                Tensor state, const Tensor& state_idx, const Tensor& cu_seqlens, const Tensor& a_log,
+                const Tensor& dt_bias, const Tensor& o_norm_weight, double o_norm_eps, double scale,
+                const Tensor& o_packed, const OptTensor& o_bias) {
+  static auto norm = op<Tensor(const Tensor&, const Tensor&, double)>("hyla_cpu::rms_norm");
+  static auto gdn = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor, Tensor,
+                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double)>(
+      "hyla_cpu::gdn_forward_");
+  const int64_t width = heads * head_dim, total = 4 * width + 2 * heads;
+  const Tensor p = linear(norm.call(x, norm_weight, eps), proj_packed, proj_bias, total).view({-1, total});
+  const Tensor o = gdn.call(p.narrow(1, 0, 3 * width), p.narrow(1, 3 * width, width), p.narrow(1, 4 * width, heads),
+                            p.narrow(1, 4 * width + heads, heads), conv_weight, conv_state, state, state_idx,
+                            cu_seqlens, a_log, dt_bias, o_norm_weight, o_norm_eps, scale);
+  return linear(o.view({1, p.size(0), width}), o_packed, o_bias, x.size(-1));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hyla_cpu, m) {
+  m.def("gdn_half(Tensor x, Tensor norm_weight, float eps, Tensor proj_packed, Tensor? proj_bias, int heads, "
+        "int head_dim, Tensor conv_weight, Tensor(a!) conv_state, Tensor(b!) state, Tensor state_idx, "
+        "Tensor cu_seqlens, Tensor a_log, Tensor dt_bias, Tensor o_norm_weight, float o_norm_eps, float scale, "
+        "Tensor o_packed, Tensor? o_bias) -> Tensor",
+        &gdn_half);
   m.def("mlp_residual(Tensor x, Tensor a, Tensor norm_weight, float eps, Tensor gate_up, Tensor? gate_up_bias, "
         "int inter, Tensor down, Tensor? down_bias) -> Tensor",
         &mlp_residual);
