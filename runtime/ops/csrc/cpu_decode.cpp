@@ -259,15 +259,25 @@ void norm_rows(const at::Tensor& x, const at::Tensor* a, const at::Tensor& w, do
   T* yp = ptr<T>(y);
   const float feps = static_cast<float>(eps);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(H);
+    std::vector<float> storage(H);
+    float* __restrict buf = storage.data();
+    T* nil = nullptr;
     for (int64_t r = begin; r < end; ++r) {
+      const T* __restrict xr = xp + r * H;
       float ss = 0.0f;
+      if (ap) {  // two loops: a load under a condition would vectorise as a gather
+        const T* __restrict ar = ap + r * H;
 #pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < H; ++i) {
-        float v = load(xp, r * H + i);
-        if (ap) v = round_to(v + load(ap, r * H + i), static_cast<T*>(nullptr));
-        buf[i] = v;
-        ss += v * v;
+        for (int64_t i = 0; i < H; ++i) {
+          buf[i] = round_to(load(xr, i) + load(ar, i), nil);
+          ss += buf[i] * buf[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < H; ++i) {
+          buf[i] = load(xr, i);
+          ss += buf[i] * buf[i];
+        }
       }
       const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + feps);
       if (hp) {
@@ -275,8 +285,7 @@ void norm_rows(const at::Tensor& x, const at::Tensor* a, const at::Tensor& w, do
         for (int64_t i = 0; i < H; ++i) store(hp, r * H + i, buf[i]);
       }
 #pragma omp simd
-      for (int64_t i = 0; i < H; ++i)
-        store(yp, r * H + i, load(wp, i) * round_to(buf[i] * inv, static_cast<T*>(nullptr)));
+      for (int64_t i = 0; i < H; ++i) store(yp, r * H + i, load(wp, i) * round_to(buf[i] * inv, nil));
     }
   });
 }
