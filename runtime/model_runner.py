@@ -11,6 +11,7 @@ import torch
 from hyla.runtime.cache_budget import CachePlan
 from hyla.runtime.cuda_graphs import CHUNK_MAX_LEN, ChunkGraphs, DecodeGraphs
 from hyla.runtime.kv_cache import PagedKVCache
+from hyla.runtime.cpu_memory import keep_freed_memory
 from hyla.runtime.layers.cpu_linear import pack_linears
 from hyla.runtime.layers.projections import stack_projections
 from hyla.runtime.logprobs import Scores, score_tokens
@@ -102,6 +103,7 @@ class ModelRunner:
         stack_projections(model)
         if self.device.type == "cpu":
             pack_linears(model)
+            keep_freed_memory()
         self.block_size = plan.block_size
         self.max_model_len = plan.max_model_len
         rows = plan.num_slots + plan.num_snapshot_rows
