@@ -23,6 +23,39 @@ using namespace hyla_cpu;
 
 constexpr float kL2Eps = 1e-6f;  // as `l2_normalize`
 
+// One delta-rule step on a head's state S [D, D]: S *= decay; u = beta (v - S^T k); S += k u^T;
+// o = S^T q. Columns go in groups of C (one vector at C = 16), so the sums over rows stay in registers.
+template <int C>
+inline void delta_step(float* S, int64_t D, const float* q, const float* k, const float* v, float* u, float* o,
+                       float decay, float beta) {
+  for (int64_t j0 = 0; j0 < D; j0 += C) {
+    float acc[C] = {};
+    for (int64_t i = 0; i < D; ++i) {
+      float* row = S + i * D + j0;
+      const float ki = k[i];
+#pragma omp simd
+      for (int j = 0; j < C; ++j) {
+        row[j] *= decay;
+        acc[j] += ki * row[j];
+      }
+    }
+    for (int j = 0; j < C; ++j) u[j0 + j] = beta * (v[j0 + j] - acc[j]);
+  }
+  for (int64_t j0 = 0; j0 < D; j0 += C) {
+    float acc[C] = {};
+    for (int64_t i = 0; i < D; ++i) {
+      float* row = S + i * D + j0;
+      const float ki = k[i], qi = q[i];
+#pragma omp simd
+      for (int j = 0; j < C; ++j) {
+        row[j] += ki * u[j0 + j];
+        acc[j] += qi * row[j];
+      }
+    }
+    for (int j = 0; j < C; ++j) o[j0 + j] = acc[j];
+  }
+}
+
 template <typename T, typename CS>
 void gdn_impl(const at::Tensor& qkv, const at::Tensor& gate, const at::Tensor& a, const at::Tensor& b,
               const at::Tensor& conv_weight, at::Tensor& conv_state, at::Tensor& state, const at::Tensor& idx,
@@ -96,26 +129,10 @@ void gdn_impl(const at::Tensor& qkv, const at::Tensor& gate, const at::Tensor& a
         const float softplus = pre > 20.0f ? pre : std::log1p(std::exp(pre));
         const float decay = std::exp(neg_a * softplus);
         const float beta = 1.0f / (1.0f + std::exp(-load(bp, t * b.stride(0) + h)));
-        std::fill(u.begin(), u.end(), 0.0f);
-        for (int64_t i = 0; i < D; ++i) {  // S *= decay; u = k^T S
-          float* row = S + i * D;
-          const float ki = k[i];
-#pragma omp simd
-          for (int64_t j = 0; j < D; ++j) {
-            row[j] *= decay;
-            u[j] += ki * row[j];
-          }
-        }
-        for (int64_t j = 0; j < D; ++j) u[j] = beta * (v[j] - u[j]);
-        std::fill(o.begin(), o.end(), 0.0f);
-        for (int64_t i = 0; i < D; ++i) {  // S += k u^T; o = q^T S
-          float* row = S + i * D;
-          const float ki = k[i], qi = q[i];
-#pragma omp simd
-          for (int64_t j = 0; j < D; ++j) {
-            row[j] += ki * u[j];
-            o[j] += qi * row[j];
-          }
+        if (D % 16 == 0) {
+          delta_step<16>(S, D, q.data(), k.data(), v.data(), u.data(), o.data(), decay, beta);
+        } else {
+          delta_step<1>(S, D, q.data(), k.data(), v.data(), u.data(), o.data(), decay, beta);
         }
         float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
