@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyla.runtime.config import HybridConfig
+from hyla.runtime.ops import cpu_kernels
 
 
 class PagedKVCache:
@@ -29,10 +30,13 @@ class PagedKVCache:
         return kv[0], kv[1]
 
     def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store `[T, Hkv, D]` keys/values at token `slots` `[T]`."""
+        """Store `[T, Hkv, D]` keys/values at token `slots` `[T]` (one C++ op on CPU)."""
         keys, values = self.keys_values(layer_idx)
-        keys.index_copy_(0, slots, k.to(keys.dtype))
-        values.index_copy_(0, slots, v.to(values.dtype))
+        if cpu_kernels.usable(k, v, keys, values):
+            cpu_kernels.store_kv(k, v, keys, values, slots)
+        else:
+            keys.index_copy_(0, slots, k.to(keys.dtype))
+            values.index_copy_(0, slots, v.to(values.dtype))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks (src -> dst) in every layer."""

@@ -15,7 +15,6 @@ import torch
 
 from hyla.runtime.context import ForwardContext, LinearSlots, PagedKV
 from hyla.runtime.kv_cache import PagedKVCache
-from hyla.runtime.ops import cpu_kernels
 from hyla.runtime.ops.paged_attention import paged_decode_attention, paged_prefill_attention
 from hyla.runtime.state_pool import StatePool
 
@@ -59,12 +58,8 @@ class PagedContext(ForwardContext):
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = self.meta
+        self.kv.write(layer_idx, m.slot_mapping, k[0], v[0])
         keys, values = self.kv.keys_values(layer_idx)
-        if cpu_kernels.usable(k, v, keys, values):
-            cpu_kernels.store_kv(k[0], v[0], keys, values, m.slot_mapping)
-        else:
-            keys.index_copy_(0, m.slot_mapping, k[0].to(keys.dtype))
-            values.index_copy_(0, m.slot_mapping, v[0].to(values.dtype))
         scale = q.shape[-1] ** -0.5
         if m.decode:
             out = paged_decode_attention(

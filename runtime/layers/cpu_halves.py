@@ -47,8 +47,10 @@ def mixer_half(mixer: torch.nn.Module, norm: RMSNorm, x: torch.Tensor, ctx: Forw
 
 
 def _attention(attn: SoftmaxAttention, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    if attn.q_norm is not None or attn.head_dim % 16:
+        return None
     kv = ctx.paged_kv(attn.layer_idx)
-    if attn.q_norm is not None or kv is None or attn.head_dim % 16 or not cpu_kernels.usable(x, kv.keys, ctx.rope[0]):
+    if kv is None or not cpu_kernels.usable(x, kv.keys, ctx.rope[0]):
         return None
     qkv, o = _packed(x, attn.input_projections()), _packed(x, (attn.o_proj,))
     if qkv is None or o is None:

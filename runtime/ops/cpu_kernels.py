@@ -22,8 +22,13 @@ import sys
 import threading
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from hyla.runtime.context import LinearSlots, PagedKV
 
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
@@ -137,8 +142,7 @@ def decode_attention(
 def prefill_supported(q: Tensor) -> bool:
     """Whether `prefill_attention` takes q: bf16 with a head width a multiple of 16, on a CPU with
     AVX512-BF16."""
-    return (q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and usable(q)
-            and bool(torch.ops.hyla_cpu.prefill_supported()))
+    return q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and usable(q) and linear_supported()
 
 
 def prefill_attention(
@@ -152,7 +156,7 @@ def prefill_attention(
 
 
 def linear_supported() -> bool:
-    """Whether this CPU runs the bf16 linear kernel (AVX512-BF16)."""
+    """Whether this CPU runs the bf16 tile product (AVX512-BF16) of the linear and prefill kernels."""
     return available() and bool(torch.ops.hyla_cpu.linear_supported())
 
 
@@ -191,9 +195,9 @@ def mlp_residual(
 
 def attention_half(
     x: Tensor, norm_weight: Tensor, eps: float, qkv: Tensor, qkv_bias: Tensor | None, heads: int, kv_heads: int,
-    head_dim: int, cos: Tensor, sin: Tensor, kv: object, scale: float, o: Tensor, o_bias: Tensor | None,
+    head_dim: int, cos: Tensor, sin: Tensor, kv: PagedKV, scale: float, o: Tensor, o_bias: Tensor | None,
 ) -> Tensor:
-    """`o_proj(attention(rotary(qkv(RMSNorm(x)))))` over the paged pools of `kv` (a `PagedKV`), the new
+    """`o_proj(attention(rotary(qkv(RMSNorm(x)))))` over the paged pools of `kv`, the new
     keys and values stored; the packed products `qkv` and `o`."""
     return torch.ops.hyla_cpu.attention_half(
         x, norm_weight, eps, qkv, qkv_bias, heads, kv_heads, head_dim, cos, sin, kv.keys, kv.values, kv.slot_mapping,
@@ -203,11 +207,11 @@ def attention_half(
 
 def gdn_half(
     x: Tensor, norm_weight: Tensor, eps: float, proj: Tensor, proj_bias: Tensor | None, heads: int, head_dim: int,
-    conv_weight: Tensor, slots: object, cu_seqlens: Tensor, a_log: Tensor, dt_bias: Tensor, o_norm_weight: Tensor,
+    conv_weight: Tensor, slots: LinearSlots, cu_seqlens: Tensor, a_log: Tensor, dt_bias: Tensor, o_norm_weight: Tensor,
     o_norm_eps: float, scale: float, o: Tensor, o_bias: Tensor | None,
 ) -> Tensor:
     """A Gated DeltaNet mixer from `RMSNorm(x)` on: the packed q/k/v/gate/a/b product `proj`, `gdn_forward_`
-    on the state slots of `slots` (a `LinearSlots`), the packed output product `o`."""
+    on the state slots of `slots`, the packed output product `o`."""
     return torch.ops.hyla_cpu.gdn_half(
         x, norm_weight, eps, proj, proj_bias, heads, head_dim, conv_weight, slots.conv, slots.recurrent, slots.index,
         cu_seqlens, a_log, dt_bias, o_norm_weight, o_norm_eps, scale, o, o_bias,

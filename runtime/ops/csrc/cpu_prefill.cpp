@@ -140,15 +140,12 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   return out;
 }
 
-bool prefill_supported() { return true; }
-
 #else
 
 at::Tensor prefill_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const at::Tensor&, double, int64_t) {
   TORCH_CHECK(false, "built without AVX512-BF16");
 }
-bool prefill_supported() { return false; }
 
 #endif
 
@@ -156,5 +153,4 @@ TORCH_LIBRARY_FRAGMENT(hyla_cpu, m) {
   m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
         "Tensor context_lens, float scale, int block_size) -> Tensor",
         &prefill_attention);
-  m.def("prefill_supported() -> bool", &prefill_supported);
 }
