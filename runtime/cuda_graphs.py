@@ -5,6 +5,7 @@ its bucket: one host launch instead of a thousand.
 `ChunkGraphs` cover small packed steps — a short prefill chunk (a prompt's uncached suffix, a chat
 turn), alone or beside decode tokens — one graph per (token bucket, chunk bucket). Eagerly such a
 step is bound by the host: its kernels take a few milliseconds, their launches several times that.
+A small step with a longer chunk runs as rounds of chunk-graph replays (`ModelRunner._replayed`).
 
 Inputs live in static device buffers written by one host-to-device copy; block tables and KV slots
 are derived inside the graph from the runner's persistent block-table pool. Padding points at the

@@ -209,12 +209,10 @@ class ModelRunner:
             tokens += input_tokens(c)
             positions += range(c.start, c.end)
             offsets.append(offsets[-1] + c.num_tokens)
-        graph = None
+        hidden = None
         if self.chunk_graphs is not None:
-            graph = self.chunk_graphs.key(len(chunks), len(tokens), max(c.num_tokens for c in chunks))
-        if graph is not None:
-            hidden = self.chunk_graphs.run(graph, chunks, tokens, positions)
-        else:
+            hidden = self._replayed(chunks, tokens, positions, offsets)
+        if hidden is None:
             hidden = self._eager(chunks, tokens, positions)
         rows, last_rows, row_of = [], [], []
         for w, start in zip(work, offsets):
@@ -223,6 +221,44 @@ class ModelRunner:
             row_of.append([len(rows) + i for i in range(len(w.logprob_rows))])
             rows += [start + r for r in w.logprob_rows]
         return self.model.lm_head(hidden[self.to_device(rows)]), last_rows, row_of
+
+    def _replayed(
+        self, chunks: list[ScheduledChunk], tokens: list[int], positions: list[int], offsets: list[int]
+    ) -> torch.Tensor | None:
+        """Final hidden states of the packed chunks through chunk graphs, or None when they cannot
+        take the step. A step whose chunks all fit the recurrent form is one replay. A longer chunk in
+        a step of at most the graphs' token count (eagerly such a step is bound by its launches, a
+        GDN layer's chunked form alone taking about a millisecond of host time) runs as rounds of
+        replays: round r computes every chunk's r-th piece of at most `CHUNK_MAX_LEN` tokens, after
+        the pieces before it have written their KV blocks and states."""
+        graphs = self.chunk_graphs
+        key = graphs.key(len(chunks), len(tokens), max(c.num_tokens for c in chunks))
+        if key is not None:
+            return graphs.run(key, chunks, tokens, positions)
+        if len(tokens) > graphs.max_tokens:
+            return None
+        rounds: list[list[ScheduledChunk]] = []
+        rows: list[list[int]] = []  # packed rows of each round's tokens
+        for c, row in zip(chunks, offsets):
+            for r, skip in enumerate(range(0, c.num_tokens, CHUNK_MAX_LEN)):
+                if r == len(rounds):
+                    rounds.append([])
+                    rows.append([])
+                piece = ScheduledChunk(c.seq, c.start + skip, min(CHUNK_MAX_LEN, c.num_tokens - skip))
+                rounds[r].append(piece)
+                rows[r] += range(row + skip, row + skip + piece.num_tokens)
+        keys = [graphs.key(len(pieces), len(r), max(p.num_tokens for p in pieces)) for pieces, r in zip(rounds, rows)]
+        if None in keys:
+            return None
+        dest = self.to_device([i for r in rows for i in r]).split([len(r) for r in rows])
+        hidden = None
+        for key, pieces, where in zip(keys, rounds, dest):
+            ids = [t for p in pieces for t in input_tokens(p)]
+            out = graphs.run(key, pieces, ids, [i for p in pieces for i in range(p.start, p.end)])
+            if hidden is None:
+                hidden = out.new_empty(len(tokens), out.shape[-1])
+            hidden.index_copy_(0, where, out)  # before the next replay overwrites the graph's output
+        return hidden
 
     def _eager(self, chunks: list[ScheduledChunk], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Final hidden states `[len(tokens), hidden]` of the packed chunks, run eagerly."""

@@ -11,6 +11,7 @@ from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.cuda_graphs import CHUNK_MAX_LEN, ChunkGraphs, pieces
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
+from hyla.runtime.model_runner import ModelRunner
 from hyla.runtime.sampling_params import SamplingParams
 from tests.tiny_models import tiny_teacher
 
@@ -31,14 +32,16 @@ def workload(seed: int) -> list[list[int]]:
     return [prefix + tokens(n) for n in (1, 9, 24)] + [tokens(5), tokens(60), tokens(70)]
 
 
-def run(model, padded: bool, **kw) -> tuple[list[list[int]], list[list[float]], int]:
+def run(model, padded: bool, batches: list[list[list[int]]] | None = None,
+        **kw) -> tuple[list[list[int]], list[list[float]], int]:
     """Greedy tokens and prompt log-probabilities, and how many steps took the padded form."""
     eng = LLMEngine(model, None, EngineConfig(model="tiny", cache_memory="32MiB", max_num_seqs=4, **kw))
     if padded:
         eng.runner.chunk_graphs = ChunkGraphs(eng.runner, eng.max_num_seqs, eng.config.max_num_batched_tokens)
     params = SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=0)
     outs = []
-    for batch in (workload(0)[:3], workload(0)[3:], workload(0)[:2]):  # the last batch hits the prefix cache
+    # by default the last batch hits the prefix cache
+    for batch in batches or (workload(0)[:3], workload(0)[3:], workload(0)[:2]):
         outs += eng.generate(batch, params)
     tokens = [o.outputs[0].token_ids for o in outs]
     logprobs = [[next(iter(lp.values()))[0] for lp in o.prompt_logprobs[1:]] for o in outs]
@@ -55,6 +58,25 @@ def test_padded_chunk_steps_match_eager(models, kind, chunk) -> None:
     assert steps > 5
     assert got_tokens == tokens
     for a, b in zip(got_logprobs, logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+def test_long_chunks_of_small_steps_run_as_rounds_of_padded_steps(models, kind, monkeypatch) -> None:
+    """Steps of at most the graphs' 512 tokens whose chunks pass `CHUNK_MAX_LEN` (prompts of 300
+    and 150 tokens, a 40-token one, then a prefix hit with a 200-token suffix) run as rounds of
+    padded steps, never eagerly, with the unpadded eager steps' tokens and log-probabilities."""
+    g = torch.Generator().manual_seed(3)
+    tokens = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    first = [tokens(300), tokens(150), tokens(40)]
+    batches = [first, [first[1] + tokens(200)]]
+    want_tokens, want_logprobs, _ = run(models[kind], padded=False, batches=batches, max_num_batched_tokens=512)
+    eager, _eager = [], ModelRunner._eager
+    monkeypatch.setattr(ModelRunner, "_eager", lambda self, *a: eager.append(a) or _eager(self, *a))
+    got_tokens, got_logprobs, steps = run(models[kind], padded=True, batches=batches, max_num_batched_tokens=512)
+    assert not eager and steps > 8
+    assert got_tokens == want_tokens
+    for a, b in zip(got_logprobs, want_logprobs):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
 

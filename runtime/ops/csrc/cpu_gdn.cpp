@@ -23,36 +23,61 @@ using namespace hyla_cpu;
 
 constexpr float kL2Eps = 1e-6f;  // as `l2_normalize`
 
-// One delta-rule step on a head's state S [D, D]: S *= decay; u = beta (v - S^T k); S += k u^T;
-// o = S^T q. Columns go in groups of C (one vector at C = 16), so the sums over rows stay in registers.
+// One delta-rule step on a head's state S [D, D] (row i: key dim, column j: value dim):
+// u = beta (v - decay S^T k); S = decay S + k u^T; o = S^T q. Columns go in groups of C whose sums
+// over rows stay in registers, split over even and odd rows so that two add chains run at once.
+// The decay scales the first sum and is applied as the rows are rewritten: S is read twice and
+// written once.
 template <int C>
 inline void delta_step(float* S, int64_t D, const float* q, const float* k, const float* v, float* u, float* o,
                        float decay, float beta) {
   for (int64_t j0 = 0; j0 < D; j0 += C) {
-    float acc[C] = {};
-    for (int64_t i = 0; i < D; ++i) {
-      float* row = S + i * D + j0;
-      const float ki = k[i];
+    float even[C] = {}, odd[C] = {};
+    int64_t i = 0;
+    for (; i + 1 < D; i += 2) {
+      const float* r0 = S + i * D + j0;
+      const float* r1 = r0 + D;
+      const float k0 = k[i], k1 = k[i + 1];
 #pragma omp simd
       for (int j = 0; j < C; ++j) {
-        row[j] *= decay;
-        acc[j] += ki * row[j];
+        even[j] += k0 * r0[j];
+        odd[j] += k1 * r1[j];
       }
     }
-    for (int j = 0; j < C; ++j) u[j0 + j] = beta * (v[j0 + j] - acc[j]);
+    for (; i < D; ++i) {
+      const float* r0 = S + i * D + j0;
+#pragma omp simd
+      for (int j = 0; j < C; ++j) even[j] += k[i] * r0[j];
+    }
+#pragma omp simd
+    for (int j = 0; j < C; ++j) u[j0 + j] = beta * (v[j0 + j] - decay * (even[j] + odd[j]));
   }
   for (int64_t j0 = 0; j0 < D; j0 += C) {
-    float acc[C] = {};
-    for (int64_t i = 0; i < D; ++i) {
-      float* row = S + i * D + j0;
-      const float ki = k[i], qi = q[i];
+    float even[C] = {}, odd[C] = {};
+    const float* uj = u + j0;
+    int64_t i = 0;
+    for (; i + 1 < D; i += 2) {
+      float* r0 = S + i * D + j0;
+      float* r1 = r0 + D;
+      const float k0 = k[i], k1 = k[i + 1], q0 = q[i], q1 = q[i + 1];
 #pragma omp simd
       for (int j = 0; j < C; ++j) {
-        row[j] += ki * u[j0 + j];
-        acc[j] += qi * row[j];
+        r0[j] = decay * r0[j] + k0 * uj[j];
+        r1[j] = decay * r1[j] + k1 * uj[j];
+        even[j] += q0 * r0[j];
+        odd[j] += q1 * r1[j];
       }
     }
-    for (int j = 0; j < C; ++j) o[j0 + j] = acc[j];
+    for (; i < D; ++i) {
+      float* r0 = S + i * D + j0;
+#pragma omp simd
+      for (int j = 0; j < C; ++j) {
+        r0[j] = decay * r0[j] + k[i] * uj[j];
+        even[j] += q[i] * r0[j];
+      }
+    }
+#pragma omp simd
+    for (int j = 0; j < C; ++j) o[j0 + j] = even[j] + odd[j];
   }
 }
 
@@ -129,7 +154,9 @@ void gdn_impl(const at::Tensor& qkv, const at::Tensor& gate, const at::Tensor& a
         const float softplus = pre > 20.0f ? pre : std::log1p(std::exp(pre));
         const float decay = std::exp(neg_a * softplus);
         const float beta = 1.0f / (1.0f + std::exp(-load(bp, t * b.stride(0) + h)));
-        if (D % 16 == 0) {
+        if (D % 64 == 0) {
+          delta_step<64>(S, D, q.data(), k.data(), v.data(), u.data(), o.data(), decay, beta);
+        } else if (D % 16 == 0) {
           delta_step<16>(S, D, q.data(), k.data(), v.data(), u.data(), o.data(), decay, beta);
         } else {
           delta_step<1>(S, D, q.data(), k.data(), v.data(), u.data(), o.data(), decay, beta);
