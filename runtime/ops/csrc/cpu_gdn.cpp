@@ -22,6 +22,9 @@ namespace {
 using namespace hyla_cpu;
 
 constexpr float kL2Eps = 1e-6f;  // as `l2_normalize`
+// A (sequence, head) walks the packed rows token by token, a few KB apart: the hardware prefetcher
+// does not follow, so each token's rows of the head are prefetched this many tokens ahead.
+constexpr int64_t kAhead = 4;
 
 // One delta-rule step on a head's state S [D, D] (row i: key dim, column j: value dim):
 // u = beta (v - decay S^T k); S = decay S + k u^T; o = S^T q. Columns go in groups of C whose sums
@@ -111,6 +114,7 @@ void gdn_impl(const at::Tensor& qkv, const at::Tensor& gate, const at::Tensor& a
   T* nil = nullptr;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> window(3 * (W - 1) * D), q(D), k(D), v(D), u(D), o(D);  // window [part, tap, D]
+    const float sc = fscale, eps = feps;  // locals: float stores cannot alias them, so they stay in registers
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / H, h = item % H, slot = slots[n];
       CS* cstate = cs + slot * cs_n;
@@ -123,6 +127,14 @@ void gdn_impl(const at::Tensor& qkv, const at::Tensor& gate, const at::Tensor& a
       const float neg_a = -std::exp(alog[h]);
       for (int64_t t = offsets[n]; t < offsets[n + 1]; ++t) {
         const T* x = xp + t * x_t;
+        if (t + kAhead < offsets[n + 1]) {  // this head's rows a few tokens ahead
+          const char* rows[4] = {reinterpret_cast<const char*>(x + kAhead * x_t + h * D),
+                                 reinterpret_cast<const char*>(x + kAhead * x_t + (H + h) * D),
+                                 reinterpret_cast<const char*>(x + kAhead * x_t + (2 * H + h) * D),
+                                 reinterpret_cast<const char*>(gp + (t + kAhead) * g_t + h * D)};
+          for (const char* row : rows)
+            for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte);
+        }
         float* qkv_f[3] = {q.data(), k.data(), v.data()};
         for (int64_t part = 0; part < 3; ++part) {  // SiLU(causal conv), rounded; the window takes x
           const int64_t c0 = (part * H + h) * D;
@@ -164,10 +176,10 @@ void gdn_impl(const at::Tensor& qkv, const at::Tensor& gate, const at::Tensor& a
         float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
         for (int64_t j = 0; j < D; ++j) {
-          o[j] = round_to(fscale * o[j], nil);
+          o[j] = round_to(sc * o[j], nil);
           ss += o[j] * o[j];
         }
-        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + feps);
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
         const T* g = gp + t * g_t + h * D;
         T* dst = op + t * H * D + h * D;
 #pragma omp simd
