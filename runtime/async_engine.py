@@ -65,6 +65,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: EngineDead | None = None
         self._dead: asyncio.Event | None = None
+        self._stepping = False  # the engine thread owns the engine's state (under `_lock`)
 
     async def start(self) -> None:
         """Start stepping on the engine's thread (idempotent)."""
@@ -110,9 +111,9 @@ class AsyncEngine:
 
     def _overloaded(self) -> bool:
         """More requests queued than the free sequence slots can take plus `max_waiting`."""
-        stats = self.engine.stats()
-        headroom = max(0, self.engine.max_num_seqs - stats.num_running)
-        return self._pending + stats.num_waiting - headroom >= self.max_waiting
+        running, waiting = self.engine.load()
+        headroom = max(0, self.engine.max_num_seqs - running)
+        return self._pending + waiting - headroom >= self.max_waiting
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
@@ -165,7 +166,22 @@ class AsyncEngine:
         self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        """The engine's stats, read on the engine thread between two steps while it steps (this blocks
+        until then: the event loop awaits `current_stats` instead)."""
+        return self._stats().result()
+
+    async def current_stats(self) -> EngineStats:
+        """`stats`, awaited."""
+        return await asyncio.wrap_future(self._stats())
+
+    def _stats(self) -> Future:
+        answer: Future = Future()
+        with self._lock:
+            if self._stepping:  # the cache index changes during a step: read it between steps
+                self._send(("stats", answer))
+                return answer
+        answer.set_result(self.engine.stats())
+        return answer
 
     # ---- engine thread --------------------------------------------------------------------------
 
@@ -179,6 +195,8 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(stream.put_nowait, item)
 
     def _run(self) -> None:
+        with self._lock:
+            self._stepping = True
         try:
             while not self._stop.is_set():
                 self._drain_commands()
@@ -195,6 +213,25 @@ class AsyncEngine:
             for request_id in list(self._streams):
                 self._deliver(request_id, self._error)
             self._loop.call_soon_threadsafe(self._dead.set)
+        finally:
+            with self._lock:
+                self._stepping = False
+            self._answer_stats()
+
+    def _answer_stats(self) -> None:
+        """Answer the stats requests still queued when the loop stops; other commands stay queued."""
+        kept = []
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "stats":
+                command[1].set_result(self.engine.stats())
+            else:
+                kept.append(command)
+        for command in kept:
+            self._commands.put(command)
 
     def _drain_commands(self) -> None:
         while True:
@@ -202,7 +239,9 @@ class AsyncEngine:
                 kind, arg = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+            if kind == "stats":
+                arg.set_result(self.engine.stats())
+            elif kind == "add":
                 if arg.request_id in self._streams:
                     try:
                         self.engine.enqueue(arg)

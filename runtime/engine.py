@@ -413,6 +413,10 @@ class LLMEngine:
                         bar.update(1)
         return [final[r.request_id] for r in requests]
 
+    def load(self) -> tuple[int, int]:
+        """Running and waiting sequences: two list lengths, safe to read from another thread."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
     def stats(self) -> EngineStats:
         running = {s.request.request_id for s in self.scheduler.running}
         waiting = {s.request.request_id for s in self.scheduler.waiting} - running

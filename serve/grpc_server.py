@@ -85,7 +85,7 @@ class GenerationService(hyla_pb2_grpc.GenerationServicer):
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         async with self._call("ModelInfo", context):
-            served, stats = self.served, self.served.engine.stats()
+            served, stats = self.served, await self.served.engine.current_stats()
             return pb.ModelInfoResponse(
                 model=served.name, max_model_len=served.max_model_len, vocab_size=served.vocab_size,
                 layer_types=served.layer_types, eos_token_ids=served.engine.engine.eos_token_ids,

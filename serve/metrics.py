@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -32,13 +32,15 @@ ENGINE_FIELDS = [
 
 
 class EngineStatsCollector(Collector):
-    """Reads the engine's stats at scrape time, so gauges are never stale."""
+    """The engine's stats as of the scrape being rendered, so gauges are never stale."""
 
-    def __init__(self, stats: Callable[[], Any]) -> None:
-        self._stats = stats
+    def __init__(self) -> None:
+        self.stats: Any = None
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats()
+        stats = self.stats
+        if stats is None:
+            return
         for name, field, help_text, counter in ENGINE_FIELDS:
             family = CounterMetricFamily if counter else GaugeMetricFamily
             yield family(name, help_text, value=getattr(stats, field))
@@ -47,7 +49,7 @@ class EngineStatsCollector(Collector):
 class ServerMetrics:
     """One registry per server (several servers can live in one process, e.g. in tests)."""
 
-    def __init__(self, stats: Callable[[], Any]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hyla_requests", "Requests answered, by front end, endpoint and status.",
@@ -71,7 +73,8 @@ class ServerMetrics:
         self.e2e = Histogram(
             "hyla_e2e_request_latency_seconds", "Arrival to last token.", buckets=LATENCY_BUCKETS, registry=self.registry
         )
-        self.registry.register(EngineStatsCollector(stats))
+        self._engine = EngineStatsCollector()
+        self.registry.register(self._engine)
 
     def count(self, protocol: str, endpoint: str, status: int | str) -> None:
         self.requests.labels(protocol, endpoint, str(status)).inc()
@@ -79,7 +82,9 @@ class ServerMetrics:
     def timer(self) -> RequestTimer:
         return RequestTimer(self)
 
-    def render(self) -> tuple[bytes, str]:
+    def render(self, stats: Any) -> tuple[bytes, str]:
+        """The Prometheus text of every metric, the engine's from `stats` (read just before)."""
+        self._engine.stats = stats
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -78,5 +78,5 @@ async def health(served: ServedModel = Depends(served_model)) -> HealthResponse 
     summary="Prometheus metrics",
 )
 async def metrics(served: ServedModel = Depends(served_model)) -> Response:
-    body, content_type = served.metrics.render()
+    body, content_type = served.metrics.render(await served.engine.current_stats())
     return Response(body, media_type=content_type)

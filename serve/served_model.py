@@ -52,7 +52,7 @@ class ServedModel:
         self.config = engine.engine.model.config
         self.vocab_size: int = self.config.vocab_size
         self.created = int(time.time())
-        self.metrics = ServerMetrics(engine.stats)
+        self.metrics = ServerMetrics()
         self.accepting = True
         self.alive = True
         self._live: weakref.WeakSet[EngineRequest] = weakref.WeakSet()

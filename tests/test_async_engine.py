@@ -11,6 +11,7 @@ from hyla.runtime.async_engine import AsyncEngine
 from hyla.runtime.errors import EngineOverloaded
 from hyla.runtime.engine import LLMEngine
 from hyla.runtime.engine_config import EngineConfig
+from hyla.runtime.engine_thread import EngineThread
 from hyla.runtime.sampling_params import SamplingParams
 from tests.tiny_models import tiny_teacher
 
@@ -140,3 +141,43 @@ def test_shutdown_drains_in_flight_requests(model) -> None:
         await wait_free(engine)
 
     asyncio.run(main())
+
+
+def test_stats_are_read_on_the_engine_thread_while_it_steps(model, monkeypatch) -> None:
+    """The cache index changes during a step, so stats asked for while requests run (awaited on
+    the event loop, or blocking from another thread) are read on the engine thread between steps;
+    once it stops, on the caller's."""
+    import threading
+
+    readers: list[int] = []
+    stats = LLMEngine.stats
+    monkeypatch.setattr(LLMEngine, "stats", lambda self: readers.append(threading.get_ident()) or stats(self))
+
+    thread = EngineThread()
+
+    async def main() -> None:
+        engine = AsyncEngine(LLMEngine(model, None, EngineConfig(model="tiny", cache_memory="32MiB")), thread=thread)
+        await engine.start()
+        task = asyncio.create_task(consume_all(engine.generate(list(range(3, 30)), LONG)))
+        while not engine.engine.has_unfinished_requests():
+            await asyncio.sleep(0.01)
+        stepping = engine.engine.load()
+        from_loop = await engine.current_stats()
+        from_thread = await asyncio.to_thread(engine.stats)
+        assert stepping[0] + stepping[1] == 1 and from_loop.num_running + from_loop.num_waiting == 1
+        assert from_thread.kv_blocks_total == from_loop.kv_blocks_total
+        await task
+        await engine.shutdown()
+
+    async def consume_all(stream) -> None:
+        async for _ in stream:
+            pass
+
+    readers.clear()
+    asyncio.run(main())
+    assert len(readers) >= 2 and set(readers[:2]) == {thread.ident}
+    thread.close()
+    readers.clear()
+    idle = make(model)
+    idle.stats()
+    assert readers == [threading.get_ident()]
