@@ -262,6 +262,10 @@ def bench_engine(
                                  f"or MODEL {VLLM_MODEL}")
 
     rows = []
+    if quiet:  # transformers' bars too (loading a checkpoint's weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     bar = tqdm(total=len(todo) * len(points), desc="bench", disable=quiet)
     for variant in todo:
         net = variant.build()
