@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from hyla.runtime.engine import EngineStats, LLMEngine
 from hyla.runtime.engine_thread import EngineThread
 from hyla.runtime.errors import DuplicateRequestId, EngineDead, EngineOverloaded, EngineShutdown, RequestFailed
-from hyla.runtime.outputs import CompletionOutput, RequestOutput
+from hyla.runtime.outputs import CompletionOutput, RequestOutput, coalesced
 from hyla.runtime.request import Request
 from hyla.runtime.sampling_params import SamplingParams
 
@@ -46,7 +46,8 @@ class _Aborted:
 
 
 class AsyncEngine:
-    """Runs `LLMEngine.step()` in a thread while there is work; streams deltas to async consumers."""
+    """Runs `LLMEngine.step()` in a thread while there is work; streams deltas to async consumers (a
+    consumer that falls behind gets the steps it missed joined into one output)."""
 
     def __init__(self, engine: LLMEngine, max_waiting: int = 256, thread: EngineThread | None = None) -> None:
         """`thread`: where the steps run; pass the one the engine was built on (see `EngineThread`)."""
@@ -140,10 +141,17 @@ class AsyncEngine:
             self._pending += 1
         self._send(("add", request))
         last: RequestOutput | None = None
+        held: object | None = None  # taken from the queue while coalescing, handled next
         finished = False
         try:
             while not finished:
-                item = await stream.get()
+                item, held = (held, None) if held is not None else (await stream.get(), None)
+                while isinstance(item, RequestOutput) and item.error is None and not item.finished and not stream.empty():
+                    later = stream.get_nowait()  # a slow consumer: the steps it missed come as one output
+                    if not isinstance(later, RequestOutput) or later.error is not None:
+                        held = later
+                        break
+                    item = coalesced(item, later)
                 if isinstance(item, BaseException):  # a late duplicate id, or the engine died
                     finished = True
                     raise item

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # One position's log-probabilities: token id -> (logprob, rank among the vocabulary (1 = best)).
 TokenLogprobs = dict[int, tuple[float, int]]
@@ -48,3 +48,16 @@ class RequestOutput:
     """Set when the engine failed this request (it is finished, its cache freed; others carry on)."""
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache instead of computed."""
+
+
+def coalesced(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """`newer`, a later step's output of the same request, with each continuation's deltas joined to
+    `older`'s: one output for the steps a slow consumer had not taken yet."""
+    before = {c.index: c for c in older.outputs}
+    outputs = []
+    for c in newer.outputs:
+        o = before.get(c.index)
+        if o is not None:
+            c = replace(c, text_delta=o.text_delta + c.text_delta, token_ids_delta=o.token_ids_delta + c.token_ids_delta)
+        outputs.append(c)
+    return replace(newer, outputs=outputs)

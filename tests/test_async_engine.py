@@ -181,3 +181,28 @@ def test_stats_are_read_on_the_engine_thread_while_it_steps(model, monkeypatch) 
     idle = make(model)
     idle.stats()
     assert readers == [threading.get_ident()]
+
+
+def test_a_slow_consumer_gets_the_steps_it_missed_as_one_output(model) -> None:
+    """While a consumer is busy, the engine's outputs wait in its queue; the next read joins them:
+    fewer outputs than steps, and the joined deltas are exactly the generated tokens and text."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=1)
+    offline = LLMEngine(model, None, EngineConfig(model="tiny", cache_memory="32MiB")).generate([[5, 6, 7]], params)[0]
+
+    async def main() -> list:
+        engine = make(model)
+        await engine.start()
+        outs = []
+        async for out in engine.generate([5, 6, 7], params):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # a client reading slowly
+        await engine.shutdown()
+        return outs
+
+    outs = asyncio.run(main())
+    ids = [t for o in outs for t in o.outputs[0].token_ids_delta]
+    assert ids == offline.outputs[0].token_ids == outs[-1].outputs[0].token_ids
+    assert "".join(o.outputs[0].text_delta for o in outs) == outs[-1].outputs[0].text
+    assert len(outs[-1].outputs[0].logprobs) == 24
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert 1 < len(outs) < 24 and max(len(o.outputs[0].token_ids_delta) for o in outs) > 1
