@@ -145,7 +145,10 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item, held = (held, None) if held is not None else (await stream.get(), None)
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await stream.get()
                 while isinstance(item, RequestOutput) and item.error is None and not item.finished and not stream.empty():
                     later = stream.get_nowait()  # a slow consumer: the steps it missed come as one output
                     if not isinstance(later, RequestOutput) or later.error is not None:
@@ -188,8 +191,14 @@ class AsyncEngine:
             if self._stepping:  # the cache index changes during a step: read it between steps
                 self._send(("stats", answer))
                 return answer
-        answer.set_result(self.engine.stats())
+        self._answer(answer)
         return answer
+
+    def _answer(self, answer: Future) -> None:
+        try:
+            answer.set_result(self.engine.stats())
+        except Exception as exc:  # the asker sees it; the engine loop goes on
+            answer.set_exception(exc)
 
     # ---- engine thread --------------------------------------------------------------------------
 
@@ -235,7 +244,7 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if command[0] == "stats":
-                command[1].set_result(self.engine.stats())
+                self._answer(command[1])
             else:
                 kept.append(command)
         for command in kept:
@@ -248,7 +257,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "stats":
-                arg.set_result(self.engine.stats())
+                self._answer(arg)
             elif kind == "add":
                 if arg.request_id in self._streams:
                     try:

@@ -252,9 +252,8 @@ class ModelRunner:
             return None
         dest = self.to_device([i for r in rows for i in r]).split([len(r) for r in rows])
         hidden = None
-        for key, pieces, where in zip(keys, rounds, dest):
-            ids = [t for p in pieces for t in input_tokens(p)]
-            out = graphs.run(key, pieces, ids, [i for p in pieces for i in range(p.start, p.end)])
+        for key, pieces, mine, where in zip(keys, rounds, rows, dest):
+            out = graphs.run(key, pieces, [tokens[i] for i in mine], [positions[i] for i in mine])
             if hidden is None:
                 hidden = out.new_empty(len(tokens), out.shape[-1])
             hidden.index_copy_(0, where, out)  # before the next replay overwrites the graph's output

@@ -32,7 +32,8 @@ if [ -n "${HYLA_SRC:-}" ]; then
     # hyla's own pins (e.g. its transformers range) are not vLLM's: install hyla without its deps and
     # add only what its import path and tests need, under the same torch constraint. The packages
     # left out on purpose (above, and hyla's training and serving deps) are not reported as conflicts.
-    pip install -q --no-warn-conflicts --no-deps -e "$HYLA_SRC"
+    # (newer pip shows setuptools' note that a folder named like the package, hyla/ here, could shadow it)
+    PYTHONWARNINGS="ignore:Editable installation" pip install -q --no-warn-conflicts --no-deps -e "$HYLA_SRC"
     # hyla's transformers range, read from its pyproject.toml (vLLM's range is wider).
     transformers=$("$VENV/bin/python" -c 'import sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
