@@ -219,3 +219,44 @@ def test_layer_halves_match_the_layer_modules_in_the_engine(kind: str, monkeypat
     assert tokens == want_tokens
     for a, b in zip(logprobs, want_logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "hybrid"])
+def test_layer_halves_follow_parameters_that_change(kind: str) -> None:
+    """A half keeps its resolved kernel arguments between steps only while the parameters they came
+    from are unchanged: after an in-place update and after a replaced parameter, the halves give
+    the layer modules' outputs for the new weights."""
+    from hyla.convert.transfer import hybrid_from_teacher
+    from hyla.runtime.engine import LLMEngine
+    from hyla.runtime.engine_config import EngineConfig
+    from hyla.runtime.layers import cpu_halves
+    from hyla.runtime.sampling_params import SamplingParams
+    from tests.tiny_models import tiny_teacher
+
+    teacher = tiny_teacher("llama")
+    model = teacher if kind == "teacher" else hybrid_from_teacher(teacher, ["gdn", "attention", "gdn", "gdn"], seed=2)
+    eng = LLMEngine(model, None, EngineConfig(model="tiny", dtype="bfloat16", cache_memory="32MiB"))
+    layers = eng.runner.model.model.layers
+    g = torch.Generator().manual_seed(3)
+
+    def halves_and_modules(layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP half against the module path, on the same fresh input (the mixer half needs a step)."""
+        x = torch.randn(5, layer.mlp.gate_proj.in_features, generator=g).bfloat16()
+        a = torch.randn(x.shape, generator=g).bfloat16()
+        with torch.inference_mode():
+            half = cpu_halves.mlp_residual(layer.mlp, layer.post_attention_layernorm, x, a)
+            h, normed = layer.post_attention_layernorm.add_forward(x, a)
+            return half, h + layer.mlp(normed)
+
+    eng.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=2))  # every half makes its plan
+    assert all("_cpu_half_plan" in layer.mlp.__dict__ for layer in layers)
+    for layer in layers:
+        half, want = halves_and_modules(layer)
+        torch.testing.assert_close(half, want, atol=2e-2, rtol=0)
+    with torch.no_grad():
+        layers[0].mlp.down_proj.weight.mul_(-2.0)  # in place
+        layers[1].mlp.gate_proj.weight = torch.nn.Parameter(layers[1].mlp.gate_proj.weight.flip(0))  # replaced
+        layers[2].post_attention_layernorm.weight.add_(1.0)
+    for layer in layers:
+        half, want = halves_and_modules(layer)
+        torch.testing.assert_close(half, want, atol=2e-2, rtol=0)

@@ -56,7 +56,7 @@ def pack_weight(weight: torch.Tensor) -> Packed:
     return Packed(torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT), weight.shape[0], False)
 
 
-def _key(t: torch.Tensor | None) -> tuple[int, int, torch.dtype] | None:
+def contents_key(t: torch.Tensor | None) -> tuple[int, int, torch.dtype] | None:
     """Identifies a tensor's current contents: storage, in-place version and dtype."""
     return None if t is None else (t.data_ptr(), t._version, t.dtype)
 
@@ -79,14 +79,14 @@ class PackedLinear(nn.Linear):
 
     def packed_weight(self) -> Packed:
         """The packed weight, repacked when the weight's storage, version or dtype changed."""
-        key = _key(self.weight)
+        key = contents_key(self.weight)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, pack_weight(self.weight))
         return self._packed[1]
 
     def stacked_weight(self, linears: tuple[PackedLinear, ...]) -> tuple[Packed, torch.Tensor | None]:
         """Packed weight and bias of `linears` (this layer first) stacked along the output, kept here."""
-        key = tuple((_key(m.weight), _key(m.bias)) for m in linears)
+        key = tuple((contents_key(m.weight), contents_key(m.bias)) for m in linears)
         if self._stacked is None or self._stacked[0] != key:
             weight, bias = concat_parameters(linears)
             self._stacked = (key, pack_weight(weight), bias)
