@@ -58,9 +58,9 @@ def _params(*modules: torch.nn.Module) -> tuple[tuple[dict, str], ...]:
 
 
 def _plan(owner: torch.nn.Module, x: torch.Tensor) -> Plan | None:
-    """`owner`'s plan while its parameters are those it was made from (bf16 CPU inference only)."""
+    """`owner`'s plan while its parameters are those it was made from (inference only)."""
     plan = owner.__dict__.get("_cpu_half_plan")
-    if plan is None or x.dtype is not torch.bfloat16 or not x.is_cpu or torch.is_grad_enabled():
+    if plan is None or torch.is_grad_enabled():
         return None
     return plan if _keys(plan.params) == plan.keys else None
 
@@ -74,6 +74,8 @@ def _keep(owner: torch.nn.Module, params: tuple[tuple[dict, str], ...], before: 
 def mixer_half(mixer: torch.nn.Module, norm: RMSNorm, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
     """`mixer(norm(x), ctx)` as one op for softmax attention and Gated DeltaNet, or None where it
     does not apply."""
+    if x.dtype is not torch.bfloat16 or not x.is_cpu:
+        return None
     if type(mixer) is SoftmaxAttention:
         kv = ctx.paged_kv(mixer.layer_idx)
         if kv is None or kv.keys.dtype is not x.dtype:
@@ -126,7 +128,7 @@ def _gdn_plan(gdn: GatedDeltaNet, norm: RMSNorm, x: torch.Tensor) -> Plan | None
 
 def mlp_residual(mlp: GatedMLP, norm: RMSNorm, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
     """`(x + a) + mlp(norm(x + a))` as one op, or None where it does not apply."""
-    if a.dtype is not x.dtype:
+    if x.dtype is not torch.bfloat16 or not x.is_cpu or a.dtype is not x.dtype:
         return None
     plan = _plan(mlp, x) or _mlp_plan(mlp, norm, x)
     if plan is None:
