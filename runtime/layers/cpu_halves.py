@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from hyla.runtime.context import ForwardContext
+from hyla.runtime.context import ForwardContext, PagedKV
 from hyla.runtime.layers.attention import SoftmaxAttention
 from hyla.runtime.layers.cpu_linear import Packed, PackedLinear, contents_key
 from hyla.runtime.layers.gated_deltanet import GatedDeltaNet
@@ -96,10 +96,10 @@ def mixer_half(mixer: torch.nn.Module, norm: RMSNorm, x: torch.Tensor, ctx: Forw
     return None
 
 
-def _attention_plan(attn: SoftmaxAttention, norm: RMSNorm, x: torch.Tensor, kv, ctx: ForwardContext) -> Plan | None:
-    if attn.q_norm is not None or attn.head_dim % 16 or x.dtype != torch.bfloat16:
-        return None
-    if not cpu_kernels.usable(x, norm.weight, kv.keys, ctx.rope[0]):
+def _attention_plan(
+    attn: SoftmaxAttention, norm: RMSNorm, x: torch.Tensor, kv: PagedKV, ctx: ForwardContext
+) -> Plan | None:
+    if attn.q_norm is not None or attn.head_dim % 16 or not cpu_kernels.usable(x, norm.weight, kv.keys, ctx.rope[0]):
         return None
     linears = attn.input_projections()
     qkv, o = _packed(x, linears), _packed(x, (attn.o_proj,))
@@ -113,7 +113,7 @@ def _attention_plan(attn: SoftmaxAttention, norm: RMSNorm, x: torch.Tensor, kv, 
 
 
 def _gdn_plan(gdn: GatedDeltaNet, norm: RMSNorm, x: torch.Tensor) -> Plan | None:
-    if x.dtype != torch.bfloat16 or not cpu_kernels.usable(x, norm.weight, gdn.o_norm.weight):
+    if not cpu_kernels.usable(x, norm.weight, gdn.o_norm.weight):
         return None
     linears = gdn.input_projections()
     proj, o = _packed(x, linears), _packed(x, (gdn.o_proj,))
@@ -137,7 +137,7 @@ def mlp_residual(mlp: GatedMLP, norm: RMSNorm, x: torch.Tensor, a: torch.Tensor)
 
 
 def _mlp_plan(mlp: GatedMLP, norm: RMSNorm, x: torch.Tensor) -> Plan | None:
-    if not mlp.silu or x.dtype != torch.bfloat16 or not cpu_kernels.usable(x, norm.weight):
+    if not mlp.silu or not cpu_kernels.usable(x, norm.weight):
         return None
     linears = mlp.input_projections()
     gate_up, down = _packed(x, linears), _packed(x, (mlp.down_proj,))

@@ -1,9 +1,9 @@
 // A decoder layer's two halves as one op each on the CPU, for the packed passes of the engine:
 // the mixer half (norm, input product, then rotary, KV store and paged attention for softmax
-// attention, or the Gated DeltaNet op, then the output product) and the MLP half (residual add, norm, gate/up product, SiLU-and-mul, down product,
-// residual add). They chain hyla's own CPU ops in C++, so a layer costs two calls from Python
-// instead of a dozen module calls, checks and views: at batch 1 a small model's decode step is
-// bound by those. Each op is the one its layer module would call, so the results are the same.
+// attention, or the Gated DeltaNet op, then the output product) and the MLP half (residual add,
+// norm, gate/up product, SiLU-and-mul, down product, residual add). They chain hyla's own CPU ops
+// in C++, so a layer costs two calls from Python instead of a dozen module calls, checks and views:
+// at batch 1 a small model's decode step is bound by those. Each op is the one its layer module would call, so the results are the same.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
