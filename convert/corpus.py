@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from hyla.assets import CALIBRATION, ESSAYS, Asset

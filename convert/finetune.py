@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hyla.convert.data import BatchStream
-from hyla.convert.loop import LoopSettings, StageResult, train_loop
+from hyla.convert.loop import LoopSettings, StageResult, adamw, train_loop
 from hyla.runtime.model import HybridForCausalLM
 
 
@@ -37,5 +37,5 @@ def run_finetune(
 ) -> StageResult:
     """Cross-entropy finetune of all parameters of `student` (in place)."""
     wrapped = run.dist.wrap(CausalLoss(student))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = adamw(student.parameters(), run.dist.device, lr)
     return train_loop("stage 3", student, optimizer, wrapped, stream, run)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from hyla.runtime.ops import fla_modules
+
 
 def _kl_sum(s_hidden: torch.Tensor, t_hidden: torch.Tensor, s_head: torch.Tensor, t_head: torch.Tensor) -> torch.Tensor:
     t_logp = F.log_softmax(F.linear(t_hidden, t_head).float(), -1)
@@ -20,8 +22,11 @@ def _kl_sum(s_hidden: torch.Tensor, t_hidden: torch.Tensor, s_head: torch.Tensor
 def chunked_kl(
     s_hidden: torch.Tensor, t_hidden: torch.Tensor, s_head: torch.Tensor, t_head: torch.Tensor, chunk: int
 ) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) from final hidden states `[..., H]` and LM-head weights."""
+    """Mean per-token KL(teacher ‖ student) from final hidden states `[..., H]` and LM-head weights.
+    In CUDA training with fla, its fused form (chunks of its own size, no recompute) runs instead."""
     s_hidden, t_hidden = s_hidden.reshape(-1, s_hidden.shape[-1]), t_hidden.reshape(-1, t_hidden.shape[-1])
+    if fla_modules.applies(s_hidden):
+        return fla_modules.linear_kl(s_hidden, t_hidden, s_head, t_head)
     total = s_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, s_hidden.shape[0], chunk):
         args = (s_hidden[start : start + chunk], t_hidden[start : start + chunk], s_head, t_head)

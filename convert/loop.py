@@ -1,14 +1,17 @@
-"""The training loop every stage shares: warmup + cosine lr, progress (tqdm or plain log lines),
-loss curve, and resumable checkpoints of the trained parameters and optimizer."""
+"""The training loop every stage shares: AdamW (fused on CUDA), warmup + cosine lr, progress (tqdm
+or plain log lines), loss curve, and resumable checkpoints of the trained parameters and optimizer,
+written in the background while training goes on."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -54,6 +57,12 @@ class LoopSettings:
     quiet: bool = False
 
 
+def adamw(params: Iterable, device: torch.device, lr: float = 1e-3) -> torch.optim.AdamW:
+    """AdamW as every stage runs it (no weight decay, betas 0.9 / 0.95), one fused kernel on CUDA;
+    `params` may be parameter groups with their own lr."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -87,6 +96,7 @@ def train_loop(
         curve = [tuple(p) for p in saved["curve"]]
         start, result = saved["step"], StageResult(curve, saved["tokens"], saved["seconds"])
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    saver = BackgroundSaver()
     bar = tqdm(
         total=steps, initial=start, desc=name, unit="step", disable=quiet or not dist.is_main, file=sys.stderr,
         dynamic_ncols=True,
@@ -94,19 +104,10 @@ def train_loop(
     log_every = max(1, steps // 10)
     began = time.perf_counter() - result.seconds
     warm_until, warm = start + max(1, (steps - start) // 10), None
-    model.train()
-    for step in range(start, steps):
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak * lr_factor(step, steps, run.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        ids = stream(step).to(dist.device)
-        with autocast(dist.device):
-            batch_loss = loss_fn(ids)
-        batch_loss.backward()
-        loss = dist.mean(float(batch_loss.detach()))
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
+
+    def record(step: int, read_loss: Callable[[], float]) -> None:
+        nonlocal warm
+        loss = dist.mean(read_loss())
         result.curve.append((step, round(loss, 6)))
         result.tokens += tokens_per_step
         result.seconds = time.perf_counter() - began
@@ -120,25 +121,127 @@ def train_loop(
         if quiet and dist.is_main and ((step + 1) % log_every == 0 or step + 1 == steps):
             eta = (steps - step - 1) * result.seconds / max(1, step + 1 - start)
             print(f"[{name}] step {step + 1}/{steps} loss {loss:.4f} {rate:.0f} tok/s eta {eta:.0f}s", file=sys.stderr)
-        last = step + 1 == steps
-        due = last or (run.checkpoint_every and (step + 1) % run.checkpoint_every == 0)
-        if checkpoint is not None and dist.is_main and due:
-            _save(checkpoint, model, optimizer, step + 1, result)
+
+    # A step's loss is read after the next step is queued, so the device never waits for the host.
+    pending: tuple[int, Callable[[], float]] | None = None
+    model.train()
+    for step in range(start, steps):
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = peak * lr_factor(step, steps, run.warmup)
+        optimizer.zero_grad(set_to_none=True)
+        ids = _to_device(stream(step), dist.device)
+        with autocast(dist.device):
+            batch_loss = loss_fn(ids)
+        batch_loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if pending is not None:
+            record(*pending)
+        pending = (step, _read_later(batch_loss.detach()))
+        due = step + 1 == steps or (run.checkpoint_every and (step + 1) % run.checkpoint_every == 0)
+        if checkpoint is not None and due:
+            record(*pending)
+            pending = None
+            if dist.is_main:
+                saver.save(checkpoint, {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step + 1,
+                    "curve": list(result.curve),
+                    "tokens": result.tokens,
+                    "seconds": result.seconds,
+                })
+    if pending is not None:
+        record(*pending)
+    saver.close()
     bar.close()
     model.eval()
     return result
 
 
-def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, result: StageResult) -> None:
+def _to_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device`; to CUDA from pinned memory without blocking (the copy queues)."""
+    if device.type != "cuda":
+        return ids.to(device)
+    return ids.pin_memory().to(device, non_blocking=True)
+
+
+def _read_later(value: torch.Tensor) -> Callable[[], float]:
+    """A reader of the scalar `value` that, on CUDA, waits for the work queued before it, not after
+    (a non-blocking copy to pinned memory, and an event)."""
+    if not value.is_cuda:
+        return lambda: float(value)
+    host = torch.empty((), dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> float:
+        copied.synchronize()
+        return float(host)
+
+    return read
+
+
+class BackgroundSaver:
+    """Writes checkpoints on a thread of its own: `save` queues copies of the state into host
+    buffers (pinned, reused from save to save) and returns; the file is written (to a temporary
+    name, then renamed) once the copies land, while training goes on. At most one write is in
+    flight; `close` waits for it, and a failed write raises in `save` or `close`."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hyla-checkpoint")
+        self._pending: Future | None = None
+        self._buffers: list[torch.Tensor] = []
+        self._queued = False
+        """Whether the state being saved had CUDA tensors (copies queued on the device)."""
+
+    def save(self, path: Path, state: dict) -> None:
+        self._wait()
+        self._queued = False
+        host = self._to_host(state, itertools.count())
+        copied = None
+        if self._queued:
+            copied = torch.cuda.Event()
+            copied.record()
+        self._pending = self._pool.submit(_write, path, host, copied)
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _to_host(self, obj: Any, slots: Iterator[int]) -> Any:
+        """`obj` with every tensor copied to host memory (the originals keep training)."""
+        if isinstance(obj, torch.Tensor):
+            return self._copy(next(slots), obj.detach())
+        if isinstance(obj, dict):
+            return {k: self._to_host(v, slots) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._to_host(v, slots) for v in obj)
+        return obj
+
+    def _copy(self, slot: int, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_cuda:
+            return t.clone()
+        self._queued = True
+        self._buffers.extend(torch.empty(0) for _ in range(slot + 1 - len(self._buffers)))
+        buf = self._buffers[slot]
+        if buf.shape != t.shape or buf.dtype != t.dtype or not buf.is_pinned():
+            buf = self._buffers[slot] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+
+
+def _write(path: Path, state: dict, copied: torch.cuda.Event | None) -> None:
+    if copied is not None:
+        copied.synchronize()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "curve": result.curve,
-        "tokens": result.tokens,
-        "seconds": result.seconds,
-    }
     torch.save(state, tmp)
     tmp.rename(path)

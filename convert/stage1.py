@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hyla.convert.data import BatchStream
-from hyla.convert.loop import LoopSettings, StageResult, train_loop
+from hyla.convert.loop import LoopSettings, StageResult, adamw, train_loop
 from hyla.runtime.context import DenseContext
 from hyla.runtime.model import HybridForCausalLM
 
@@ -71,7 +71,7 @@ def run_stage1(
     """Train every linear mixer of `student` (in place) on `run.steps` batches of teacher activations."""
     align = AttentionAlignment(student)
     wrapped = run.dist.wrap(align)
-    optimizer = torch.optim.AdamW(align.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = adamw(align.parameters(), run.dist.device, lr)
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
         return wrapped(*capture_attention(teacher, ids, align.layers))

@@ -13,8 +13,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hyla.convert.data import BatchStream
+from hyla.convert.graphed import GraphedForward
 from hyla.convert.kl import chunked_kl
-from hyla.convert.loop import LoopSettings, StageResult, train_loop
+from hyla.convert.loop import LoopSettings, StageResult, adamw, train_loop
 from hyla.convert.students import final_hidden
 from hyla.runtime.model import HybridForCausalLM
 
@@ -54,11 +55,11 @@ def run_stage2(
     """Distil `student` (in place) from `teacher` for `run.steps` batches."""
     distiller = Distiller(student, teacher.lm_head.weight.detach(), chunk)
     wrapped = run.dist.wrap(distiller)
-    optimizer = torch.optim.AdamW(param_groups(student, lr_mixer, lr_rest), weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = adamw(param_groups(student, lr_mixer, lr_rest), run.dist.device)
+
+    teacher_hidden = GraphedForward(lambda ids: final_hidden(teacher, ids))
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            t_hidden = final_hidden(teacher, ids)
-        return wrapped(ids, t_hidden)
+        return wrapped(ids, teacher_hidden(ids))
 
     return train_loop(name, student, optimizer, loss, stream, run)

@@ -48,3 +48,18 @@ def test_cuda_conversion_selects_like_cpu_and_exports_bf16(tmp_path: Path, monke
     model = load_model(tmp_path / "cuda", dtype=torch.bfloat16, device="cuda")
     out = model.generate(torch.tensor([[5, 6, 7]], device="cuda"), max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 9)
+
+
+def test_the_graphed_teacher_forward_matches_the_eager_one() -> None:
+    from hyla.convert.graphed import GraphedForward
+    from hyla.convert.students import autocast, final_hidden
+    from tests.tiny_models import tiny_teacher
+
+    teacher = tiny_teacher("llama", 3).to("cuda", torch.bfloat16)
+    graphed = GraphedForward(lambda ids: final_hidden(teacher, ids))
+    for step, shape in enumerate([(4, 96), (4, 96), (2, 50), (4, 96)]):
+        ids = torch.randint(0, 128, shape, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        with torch.no_grad(), autocast(torch.device("cuda")):
+            got, want = graphed(ids), final_hidden(teacher, ids)
+        assert not graphed.eager and graphed.static_in.shape == (4, 96)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

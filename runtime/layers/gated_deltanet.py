@@ -12,7 +12,7 @@ from hyla.runtime.config import HybridConfig
 from hyla.runtime.context import ForwardContext
 from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.linear_mixer import LinearMixer
-from hyla.runtime.ops import cpu_kernels, gated_delta_rule
+from hyla.runtime.ops import cpu_kernels, fla_modules, gated_delta_rule
 from hyla.runtime.ops.gdn_step_cuda import fused_gdn_step_
 from hyla.runtime.ops.state_decode import gdn_decode_
 
@@ -64,7 +64,8 @@ class GatedDeltaNet(LinearMixer):
             return self.o_proj(fused[None])
         slots = ctx.decode_slots(self.layer_idx)
         q, k, v, conv_state = self.mix_qkv(qkv, ctx, slots)
-        q, k = l2_normalize(q), l2_normalize(k)
+        norm = fla_modules.l2_normalize if fla_modules.applies(q) else l2_normalize
+        q, k = norm(q), norm(k)
         g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
         if slots is not None:
             o = gdn_decode_(q[0], k[0], v[0], g[0], beta[0], slots.recurrent, slots.index, self.head_dim**-0.5)

@@ -12,7 +12,7 @@ from hyla.runtime.context import ForwardContext, LinearSlots
 from hyla.runtime.layers.projections import project_groups
 from hyla.runtime.layers.fusion import fused
 from hyla.runtime.layers.norm import RMSNorm, rms_norm
-from hyla.runtime.ops import short_conv
+from hyla.runtime.ops import fla_modules, short_conv
 from hyla.runtime.ops.state_decode import short_conv_decode_
 
 
@@ -82,7 +82,8 @@ class LinearMixer(nn.Module):
         """o_proj(RMSNorm(o) * SiLU(gate)), `gate` being the g_proj output."""
         b, t, _ = gate.shape
         gate = gate.view(b, t, self.num_heads, self.head_dim)
-        return self.o_proj(gated_rms_norm(o.to(gate.dtype), self.o_norm.weight, self.o_norm.eps, gate).reshape(b, t, -1))
+        norm = fla_modules.gated_rms_norm if fla_modules.applies(o) else gated_rms_norm
+        return self.o_proj(norm(o.to(gate.dtype), self.o_norm.weight, self.o_norm.eps, gate).reshape(b, t, -1))
 
     def recurrent_state(self, ctx: ForwardContext) -> torch.Tensor | None:
         return ctx.linear_state(self.layer_idx)[1]

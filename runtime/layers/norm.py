@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hyla.runtime.layers.fusion import fused
-from hyla.runtime.ops import cpu_kernels
+from hyla.runtime.ops import cpu_kernels, fla_modules
 
 
 class RMSNorm(nn.Module):
@@ -20,12 +20,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.usable(x, self.weight):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        if fla_modules.applies(x):
+            return fla_modules.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + a, the norm of it), in one pass on CPU."""
+        """(x + a, the norm of it), in one pass on CPU and in CUDA training."""
         if cpu_kernels.usable(x, a, self.weight):
             return cpu_kernels.add_rms_norm(x, a, self.weight, self.eps)
+        if fla_modules.applies(x):
+            return fla_modules.rms_norm(a, self.weight, self.eps, residual=x)
         x = x + a
         return x, self(x)
 

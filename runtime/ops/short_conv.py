@@ -1,11 +1,14 @@
 """Causal depthwise short convolution with a carried conv state (PyTorch on any device; packed
-batches on CUDA run the Triton pass of :mod:`.short_conv_cuda`)."""
+batches on CUDA run the Triton pass of :mod:`.short_conv_cuda`, dense ones in CUDA training fla's
+fused conv)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import fla_modules
 
 
 def short_conv(
@@ -68,6 +71,9 @@ def _dense(x: Tensor, weight: Tensor, conv_state: Tensor | None, activation: str
     """Dense batch ``[B, T, C]``: one grouped conv1d over the state followed by the tokens."""
     B, T, C = x.shape
     W = weight.shape[1]
+    if conv_state is None and T > 0 and fla_modules.applies(x):  # training on CUDA: fla's fused conv
+        tail = torch.cat([x.new_zeros(B, W - 1, C), x[:, -(W - 1) :]], 1)[:, -(W - 1) :]
+        return fla_modules.short_conv(x, weight, activation), tail.transpose(1, 2).contiguous()
     if conv_state is None:
         conv_state = x.new_zeros(B, C, W - 1)
     xin = torch.cat([conv_state.to(x.dtype), x.transpose(1, 2)], -1)  # [B, C, W-1+T]

@@ -1,0 +1,74 @@
+"""fla-core's fused Triton modules for training on CUDA: RMSNorm (with its residual add), the L2
+norm of q/k, the gated output norm, the causal short conv and the LM-head KL.
+
+Written as plain PyTorch, each of these is a chain of elementwise kernels over fp32 copies of the
+activations, forward and backward; in a distillation step of a 135M student they took more device
+time than the matmuls. `applies(x)` says when the fused forms run: on a CUDA tensor, with autograd
+recording, where fla's chunked kernels can train (`fla_backend.trains`), so that a GPU which trains
+on the PyTorch reference does so throughout. The plain functions stay the reference the GPU tests
+compare against; `HYLA_FLA_MODULES=0` keeps them on. Inference never takes these (it has its own
+compiled and graphed paths).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+
+def applies(x: Tensor) -> bool:
+    """Whether `x`'s forward should take fla's fused modules (CUDA, autograd on, fla trains here)."""
+    if not (x.is_cuda and torch.is_grad_enabled()) or os.environ.get("HYLA_FLA_MODULES", "1") == "0":
+        return False
+    from . import fla_backend
+
+    return fla_backend.trains("gdn", x.device)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm(x) · weight; with `residual`, (x + residual, RMSNorm(x + residual) · weight)."""
+    from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+
+    if residual is None:
+        return fla_rms_norm(x, weight, None, eps=eps)
+    y, summed = fla_rms_norm(x, weight, None, residual=residual, eps=eps, prenorm=True)
+    return summed, y
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(Σx² + eps) over the last dim."""
+    from fla.modules.norm.l2norm import l2norm
+
+    return l2norm(x, eps=eps)
+
+
+def gated_rms_norm(o: Tensor, weight: Tensor, eps: float, gate: Tensor) -> Tensor:
+    """RMSNorm(o) · weight · SiLU(gate), per head (`o` and `gate` `[..., D]`)."""
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+
+    return rms_norm_gated(o, gate, weight, None, activation="swish", eps=eps)
+
+
+def short_conv(x: Tensor, weight: Tensor, activation: str | None) -> Tensor:
+    """Causal depthwise conv of a dense batch `[B, T, C]` from zero state (`weight` `[C, W]`)."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    y, _ = causal_conv1d(x, weight.to(x.dtype), activation=activation)
+    return y
+
+
+def linear_kl(s_hidden: Tensor, t_hidden: Tensor, s_head: Tensor, t_head: Tensor) -> Tensor:
+    """Mean per-row KL(teacher ‖ student) of the logits `hidden @ head.T`, rows `[N, H]`; the logits'
+    gradient is computed with the loss, chunk by chunk, so no logits are kept or recomputed. The
+    head's gradient accumulates in fp32 through TF32 matmuls (in full fp32 they took longer than
+    the rest of the KL)."""
+    from fla.modules.fused_kl_div import fused_kl_div_loss
+
+    matmul = torch.backends.cuda.matmul
+    precision, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    try:
+        return fused_kl_div_loss(s_hidden, t_hidden.detach(), s_head, t_head.detach())
+    finally:
+        matmul.fp32_precision = precision

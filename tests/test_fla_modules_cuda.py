@@ -1,0 +1,130 @@
+"""fla's fused training modules on CUDA against the plain PyTorch they replace: values and gradients,
+on fresh random inputs, each module alone and a whole distillation step of a hybrid student."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hyla.convert.kl import chunked_kl
+from hyla.convert.students import autocast, final_hidden, make_student
+from hyla.runtime.layers.gated_deltanet import l2_normalize
+from hyla.runtime.layers.linear_mixer import gated_rms_norm
+from hyla.runtime.layers.norm import RMSNorm
+from hyla.runtime.ops import fla_modules, short_conv
+from tests.tiny_models import tiny_teacher
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _fla_trains() -> None:
+    from hyla.runtime.ops import fla_backend
+
+    if not fla_backend.trains("gdn", DEV):
+        pytest.skip("fla cannot train on this GPU: the fused modules stay off")
+
+
+def _leaves(*shapes_dtypes: tuple[tuple[int, ...], torch.dtype], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator(DEV).manual_seed(seed)
+    return [torch.randn(s, device=DEV, generator=gen, dtype=torch.float32).to(d).requires_grad_()
+            for s, d in shapes_dtypes]
+
+
+def _fused_and_plain(fn, inputs: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> list[list[torch.Tensor]]:
+    """[outputs..., input grads...] of `fn` with the fused modules on, then off (HYLA_FLA_MODULES=0)."""
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("HYLA_FLA_MODULES", switch)
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        outs = fn(*xs)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        gen = torch.Generator(DEV).manual_seed(99)
+        weights = [torch.randn(o.shape, device=DEV, generator=gen) for o in outs]
+        sum((o.float() * w).sum() for o, w in zip(outs, weights)).backward()
+        runs.append([o.detach().float() for o in outs] + [x.grad.float() for x in xs])
+    return runs
+
+
+def _close(fused: list[torch.Tensor], plain: list[torch.Tensor], rtol: float) -> None:
+    for i, (a, b) in enumerate(zip(fused, plain)):
+        err = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        assert err < rtol, (i, err)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rms_norm_with_and_without_the_residual_add(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    norm = RMSNorm(576, 1e-5).to(DEV)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x, a = _leaves(((3, 37, 576), torch.float32), ((3, 37, 576), torch.bfloat16), seed=seed)
+
+    def both(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        assert fla_modules.applies(x) == (os.environ["HYLA_FLA_MODULES"] == "1")
+        return (norm(x), *norm.add_forward(x, a))
+
+    fused, plain = _fused_and_plain(both, [x, a], monkeypatch)
+    _close(fused, plain, 1e-2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_qk_l2_norm_gated_output_norm_and_short_conv(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, o, gate, w, c, cw = _leaves(
+        ((2, 45, 9, 64), torch.bfloat16), ((2, 45, 9, 64), torch.bfloat16), ((2, 45, 9, 64), torch.bfloat16),
+        ((64,), torch.float32), ((2, 45, 192), torch.bfloat16), ((192, 4), torch.float32), seed=seed,
+    )
+
+    def mixer_parts(q, o, gate, w, c, cw) -> tuple[torch.Tensor, ...]:
+        on = fla_modules.applies(q)
+        norm = fla_modules.l2_normalize if on else l2_normalize
+        onorm = fla_modules.gated_rms_norm if on else gated_rms_norm
+        y, state = short_conv(c, cw.to(c.dtype), activation="silu")
+        assert torch.equal(state, c.detach()[:, -3:].transpose(1, 2))
+        return norm(q), onorm(o, w, 1e-5, gate), y
+
+    fused, plain = _fused_and_plain(mixer_parts, [q, o, gate, w, c, cw], monkeypatch)
+    _close(fused, plain, 2e-2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_kl_against_the_checkpointed_chunks(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    s, s_head = _leaves(((300, 64), torch.float32), ((1000, 64), torch.float32), seed=seed)
+    t, t_head = (x.detach().bfloat16() * 1.5 for x in _leaves(((300, 64), torch.float32), ((1000, 64),
+                                                                torch.float32), seed=seed + 10))
+
+    def kl(s: torch.Tensor, s_head: torch.Tensor) -> torch.Tensor:
+        with autocast(DEV):
+            return chunked_kl(s, t, s_head, t_head, 128)
+
+    fused, plain = _fused_and_plain(kl, [s, s_head], monkeypatch)
+    assert plain[0] > 0.1
+    _close(fused, plain, 2e-2)
+
+
+def test_a_distillation_step_of_a_hybrid_student(monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher = tiny_teacher("llama", 4, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    teacher = teacher.to(DEV)
+    student = make_student(teacher, [1], "gdn", seed=0)
+    ids = torch.randint(0, 128, (3, 70), device=DEV)
+    with torch.no_grad(), autocast(DEV):
+        teacher_hidden = final_hidden(teacher, ids)
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("HYLA_FLA_MODULES", switch)
+        student.zero_grad(set_to_none=True)
+        with autocast(DEV):
+            hidden = final_hidden(student, ids)
+            loss = chunked_kl(hidden, teacher_hidden, student.lm_head.weight, teacher.lm_head.weight, 64)
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.float().clone() for p in student.parameters() if p.grad is not None])
+    assert len(runs[0]) == len(runs[1]) > 20
+    _close(runs[0][:1], runs[1][:1], 1e-2)
+    _close([torch.cat([g.flatten() for g in runs[0][1:]])], [torch.cat([g.flatten() for g in runs[1][1:]])], 3e-2)
+    _close(runs[0][1:], runs[1][1:], 0.1)  # bf16 rounding differs; a wrong formula is off by ~100%
