@@ -14,7 +14,8 @@ states copied to a snapshot row; the chunked prefill ends there), where a prompt
 with tokens cached before or with the requests waiting behind it (so others sharing a system prompt
 of any length resume from its very end), and when a sequence finishes (prompt + answer, for the
 next turn of a chat). A model without linear layers needs points only where a position ends
-mid-block (they keep that partial block). A hit is the longest prefix
+mid-block (they keep that partial block), and keeps one after any chunk that passed it: no chunk
+ends there for it, so the request sharing a prefix still takes one step. A hit is the longest prefix
 whose blocks and, for linear layers, state exist at the same position, capped so that at least one
 token is computed: an exact repeat of a prompt resumes from the last checkpoint before its end.
 """
@@ -22,6 +23,7 @@ token is computed: an exact repeat of a prompt resumes from the last checkpoint 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -86,10 +88,12 @@ class CacheManager:
         return self.blocks.num_used - self._point_only_blocks()
 
     def _point_only_blocks(self, exclude: Point | None = None) -> int:
-        if self.cache is None:
-            return 0
-        return sum(1 for p in self.cache.points()
-                   if p.block is not None and p is not exclude and self.blocks.refs(p.block) == 1)
+        return len(self._point_held(exclude)) if self.cache is not None else 0
+
+    def _point_held(self, exclude: Point | None = None) -> set[int]:
+        """Blocks that points alone hold (one block may be kept by several points of one prompt)."""
+        held = Counter(p.block for p in self.cache.points() if p.block is not None and p is not exclude)
+        return {block for block, n in held.items() if self.blocks.refs(block) == n}
 
     # ---- lookup and admission -------------------------------------------------------------------
 
@@ -122,7 +126,9 @@ class CacheManager:
         for peer in peers:
             if peer.request is not seq.request:
                 shared = max(shared, min(common_prefix(seq.token_ids, peer.token_ids), limit))
-        seq.keep_at = shared if shared > max(best.position, self.block_size) else 0
+        # linear layers: the point ends a chunk (a step more for `seq`), worth it past a block;
+        # KV only: any chunk passing it leaves the KV before it final
+        seq.keep_at = shared if shared > max(best.position, self.block_size if self.has_state else 0) else 0
         return best
 
     def _shared_length(self, seq: Sequence, keys: list[bytes], full: int, limit: int) -> int:
@@ -181,7 +187,7 @@ class CacheManager:
             if checkpoint - start < interval // 4:  # so close to the start that a step costs more than it saves
                 checkpoint += interval
             end = min(end, checkpoint)
-        if seq.keep_at > start:
+        if self.has_state and seq.keep_at > start:
             end = min(end, seq.keep_at)
         return min(num_tokens, end - start)
 
@@ -193,8 +199,9 @@ class CacheManager:
     def grow(self, seq: Sequence, new_total: int) -> list[tuple[int, int]]:
         """Blocks for `seq` to hold `new_total` tokens; returns (src, dst) block copies (copy on write)."""
         need = self.blocks.blocks_needed(seq.block_table, seq.num_computed, new_total)
-        while need > self.blocks.num_free:
-            self._evict(next(p for p in self.cache.points() if p.block is not None and self.blocks.refs(p.block) == 1))
+        while need > self.blocks.num_free:  # evicting a point frees its block once no other holds it
+            held = self._point_held()
+            self._evict(next(p for p in self.cache.points() if p.block in held))
         copies = self.blocks.grow(seq.block_table, seq.num_computed, new_total)
         if copies:  # the last entry was replaced: the device row must be rewritten from there
             seq.synced_blocks = min(seq.synced_blocks, len(seq.block_table) - 1)
@@ -215,15 +222,20 @@ class CacheManager:
         seq.registered_blocks = known // bs
         if known < done:
             return []
+        if not self.has_state and 0 < seq.keep_at <= done:  # a chunk passed it: the KV before it is final
+            if seq.keep_at % bs:
+                self._keep_point(seq, seq.keep_at)
+            seq.keep_at = 0
         prompt_len = seq.request.num_prompt_tokens
         due = finished or done in (prompt_len, seq.keep_at) or (
             done < prompt_len and self.checkpoint_interval and done % self.checkpoint_interval == 0)
         if not due or not (self.has_state or done % bs):
             return []
-        return self._keep_point(seq)
+        return self._keep_point(seq, done)
 
-    def _keep_point(self, seq: Sequence) -> list[tuple[int, int]]:
-        bs, done = self.block_size, seq.num_computed
+    def _keep_point(self, seq: Sequence, done: int) -> list[tuple[int, int]]:
+        """Keep a point at `done` (the states there are `seq`'s current ones when it has any)."""
+        bs = self.block_size
         k = done // bs
         key = seq.block_keys[k - 1] if k else self.cache.salt
         tail = tuple(seq.token_ids[k * bs : done])

@@ -106,7 +106,7 @@ class Scheduler:
         if out.preempted:
             return out
         j = 0
-        leaders = [r for r in self.running if r.keep_at > r.num_computed]
+        leaders = [r for r in self.running if self._leads(r)]
         while j < len(self.waiting) and budget:
             seq = self.waiting[j]
             if leaders and self._awaits_leader(seq, leaders):
@@ -122,11 +122,16 @@ class Scheduler:
             if hit.point is not None and hit.point.row is not None:
                 out.state_copies.append((hit.point.row, seq.slot))
             self.running.append(seq)
-            if seq.keep_at > seq.num_computed:
+            if self._leads(seq):
                 leaders.append(seq)
             out.chunks.append(ScheduledChunk(seq, hit.position, n))
             budget -= n
         return out
+
+    def _leads(self, seq: Sequence) -> bool:
+        """Whether requests waiting behind `seq` and sharing its prompt should start from the point it
+        is yet to keep (past half a block: a shorter prefix is not worth a step's wait)."""
+        return seq.keep_at > max(seq.num_computed, self.cache.block_size // 2)
 
     @staticmethod
     def _awaits_leader(seq: Sequence, leaders: list[Sequence]) -> bool:

@@ -47,7 +47,7 @@ def assert_only_cached_left(eng: LLMEngine, outputs) -> None:
     assert s.prefix_cache_queries_total == sum(len(o.prompt_token_ids) for o in outputs)
     assert s.prefix_cache_hits_total == sum(o.num_cached_tokens for o in outputs)
     cache = eng.scheduler.cache
-    assert cache.blocks.num_used == sum(1 for p in cache.cache.points() if p.block is not None)
+    assert cache.blocks.num_used == len({p.block for p in cache.cache.points() if p.block is not None})
     assert s.prefix_cache_snapshots == sum(1 for p in cache.cache.points() if p.row is not None)
 
 
@@ -201,6 +201,29 @@ def test_endings_sent_together_wait_for_the_first_to_keep_the_context(models, ki
     for a, b in zip(on[:4], off):
         for x, y in zip(a.prompt_logprobs[45:], b.prompt_logprobs[45:]):
             assert x.keys() == y.keys() and all(abs(x[t][0] - y[t][0]) < 1e-5 for t in x)
+
+
+def test_a_teacher_shares_a_context_shorter_than_a_block_without_a_step_more(models) -> None:
+    """lm-eval's short contexts: one of 12 tokens (less than a block) sent with its endings is computed
+    once. A model without linear layers keeps the point there after the chunk that passed it, so the
+    first request still takes one step; the others start from it in the next."""
+    context = tokens(12, 21)
+    scoring = SamplingParams(max_tokens=0, temperature=0, prompt_logprobs=1, prompt_logprobs_from=12)
+    prompts = [context + tokens(5 + i, 22 + i) for i in range(4)]
+    eng = engine(models["teacher"], True)
+    for i, prompt in enumerate(prompts):
+        eng.add_request(f"r{i}", prompt, scoring)
+    finished, step = {}, 0
+    while eng.has_unfinished_requests():
+        step += 1
+        finished.update({o.request_id: (step, o.num_cached_tokens, o) for o in eng.step() if o.finished})
+    assert [finished[f"r{i}"][:2] for i in range(4)] == [(1, 0), (2, 11), (2, 11), (2, 11)]
+    off = engine(models["teacher"], False).generate(prompts, [scoring] * 4)
+    for i, b in enumerate(off):
+        a = finished[f"r{i}"][2]
+        for x, y in zip(a.prompt_logprobs[12:], b.prompt_logprobs[12:]):
+            assert x.keys() == y.keys() and all(abs(x[t][0] - y[t][0]) < 1e-5 for t in x)
+    assert_only_cached_left(eng, [finished[f"r{i}"][2] for i in range(4)])
 
 
 def test_abort_keeps_computed_blocks_cached(models) -> None:
