@@ -52,7 +52,7 @@ def assert_clean(eng: LLMEngine) -> None:
     assert eng._inflight is None
     cache = eng.scheduler.cache
     if cache.cache is not None:
-        assert cache.blocks.num_used == sum(1 for p in cache.cache.points() if p.block is not None)
+        assert cache.blocks.num_used == len({p.block for p in cache.cache.points() if p.block is not None})
 
 
 def run(model, async_scheduling: bool, waves, **kw):
