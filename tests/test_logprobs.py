@@ -33,3 +33,21 @@ def test_token_logprobs_puts_the_scored_token_first_and_keeps_its_rank() -> None
     assert token_logprobs(3, -2.0, 4, [-0.5, -1.0], [1, 2]) == {3: (-2.0, 4), 1: (-0.5, 1), 2: (-1.0, 2)}
     assert token_logprobs(1, -0.5, 1, [-0.5, -1.0], [1, 2]) == {1: (-0.5, 1), 2: (-1.0, 2)}
     assert token_logprobs(2, -1.0, 2, [], []) == {2: (-1.0, 2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seed", range(2))
+def test_scoring_without_best_tokens_matches_the_log_softmax(dtype: torch.dtype, seed: int) -> None:
+    """No best tokens asked for (lm-eval's log-likelihoods): on the CPU one C++ op scores the rows."""
+    g = torch.Generator().manual_seed(seed)
+    rows, vocab = 70, 5000
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[:3] = logits[:3].float().argmax(-1)  # rank 1 exactly
+    with torch.no_grad():
+        got = score_tokens(logits, targets, 0)
+    want = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0]
+    assert torch.allclose(got.chosen.double(), want, atol=1e-5, rtol=0)
+    exact = (logits.float() > logits.float().gather(1, targets[:, None])).sum(-1) + 1
+    assert torch.equal(got.ranks, exact) and got.ranks[:3].tolist() == [1, 1, 1]
+    assert got.top_values.shape == got.top_ids.shape == (rows, 0)

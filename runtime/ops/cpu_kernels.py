@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in (
-    "cpu_decode.cpp", "cpu_linear.cpp", "cpu_gdn.cpp", "cpu_prefill.cpp", "cpu_blocks.cpp",
+    "cpu_decode.cpp", "cpu_linear.cpp", "cpu_gdn.cpp", "cpu_prefill.cpp", "cpu_blocks.cpp", "cpu_scores.cpp",
 )]
 DTYPES = (torch.bfloat16, torch.float32)
 _lock = threading.Lock()
@@ -221,3 +221,10 @@ def gdn_half(
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """`F.silu(gate) * up` for `[rows, M]` views."""
     return torch.ops.hyla_cpu.silu_mul(gate, up)
+
+
+def score_rows(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probability (fp32) and rank (1 = best) of `targets[i]` under `log_softmax(logits[i])`, for
+    contiguous `[rows, vocabulary]` logits, without writing the log-softmax."""
+    return torch.ops.hyla_cpu.score_rows(logits, targets)
+
