@@ -31,7 +31,7 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tenso
     """Final-norm hidden states `[B, T, H]` of a hybrid or an HF teacher (no LM head)."""
     if isinstance(model, HybridForCausalLM):
         return model.model(input_ids, _dense_context(input_ids))
-    return model.model(input_ids=input_ids).last_hidden_state
+    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def _dense_context(input_ids: torch.Tensor) -> DenseContext:
