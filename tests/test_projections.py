@@ -62,3 +62,29 @@ def test_training_through_a_stack_reaches_the_parameters() -> None:
     out = project_groups(torch.randn(3, 16), layers)[0]
     out.sum().backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_training_runs_the_linears_as_one_product_with_their_gradients(seed: int) -> None:
+    """Autograd on: one product over the concatenated weights, the same outputs and gradients as
+    the linears one by one (fresh random layers, a bias on some only)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = tuple(nn.Linear(40, n, bias=b) for n, b in ((24, True), (8, False), (3, True), (5, False)))
+    for m in layers:
+        nn.init.normal_(m.weight, generator=g)
+    plain = copy.deepcopy(layers)
+    x = torch.randn(2, 7, 40, generator=g)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    w = [torch.randn(2, 7, n, generator=g) for n in (32, 3, 5)]
+    got = project_groups(xs[0], layers[:2], (layers[2],), (layers[3],))
+    want = (torch.cat([plain[0](xs[1]), plain[1](xs[1])], -1), plain[2](xs[1]), plain[3](xs[1]))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    sum((o * k).sum() for o, k in zip(got, w)).backward()
+    sum((o * k).sum() for o, k in zip(want, w)).backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    for m, p in zip(layers, plain):
+        torch.testing.assert_close(m.weight.grad, p.weight.grad, rtol=1e-5, atol=1e-5)
+        assert (m.bias is None) == (p.bias is None)
+        if m.bias is not None:
+            torch.testing.assert_close(m.bias.grad, p.bias.grad, rtol=1e-5, atol=1e-5)

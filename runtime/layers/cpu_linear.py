@@ -88,7 +88,8 @@ class PackedLinear(nn.Linear):
         """Packed weight and bias of `linears` (this layer first) stacked along the output, kept here."""
         key = tuple((contents_key(m.weight), contents_key(m.bias)) for m in linears)
         if self._stacked is None or self._stacked[0] != key:
-            weight, bias = concat_parameters(linears)
+            with torch.no_grad():
+                weight, bias = concat_parameters(linears)
             self._stacked = (key, pack_weight(weight), bias)
         return self._stacked[1], self._stacked[2]
 
@@ -100,10 +101,9 @@ class PackedLinear(nn.Linear):
         return state
 
 
-@torch.no_grad()
 def concat_parameters(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights of `linears` stacked along the output, and their biases (zeros where a layer has
-    none; None when no layer has one)."""
+    none; None when no layer has one); under autograd when a gradient is being recorded."""
     weight = torch.cat([m.weight for m in linears])
     if all(m.bias is None for m in linears):
         return weight, None

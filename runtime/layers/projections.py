@@ -42,7 +42,8 @@ def stack_linears(linears: tuple[nn.Linear, ...]) -> None:
     stack = getattr(linears[0], "stack", None)
     if stack is not None and stack.serves(linears):
         return
-    weight, bias = concat_parameters(linears)
+    with torch.no_grad():
+        weight, bias = concat_parameters(linears)
     at = 0
     for m in linears:
         rows = slice(at, at + m.out_features)
@@ -72,12 +73,17 @@ def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
 def project_groups(x: torch.Tensor, *groups: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
     """Per group, its linears' outputs of `x` concatenated (`torch.cat([m(x) for m in group], -1)`);
     every group from one product (and views of it) when the linears are packed, or stacked and no
-    gradient is recorded (the stacked tensor is not the parameters autograd tracks)."""
+    gradient is recorded (the stacked tensor is not the parameters autograd tracks). While a gradient
+    is recorded, plain linears run as one product over their weights concatenated by autograd: in
+    a training step of a small model every kernel launch counts."""
     linears = tuple(m for group in groups for m in group)
     out = packed_product(x, linears)
     if out is None:
         stack = getattr(linears[0], "stack", None)
-        if stack is None or torch.is_grad_enabled() or not stack.serves(linears):
+        if torch.is_grad_enabled() and len(linears) > 1 and all(type(m) is nn.Linear for m in linears):
+            out = F.linear(x, *concat_parameters(linears))
+        elif stack is None or torch.is_grad_enabled() or not stack.serves(linears):
             return tuple(g[0](x) if len(g) == 1 else torch.cat([m(x) for m in g], -1) for g in groups)
-        out = F.linear(x, stack.weight, stack.bias)
+        else:
+            out = F.linear(x, stack.weight, stack.bias)
     return out.split([sum(m.out_features for m in group) for group in groups], -1)
