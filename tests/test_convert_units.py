@@ -145,3 +145,24 @@ def test_every_stage_of_every_budget_checkpoints_a_few_times() -> None:
                 assert written >= min(tokens_steps, b.min_checkpoints), (name, tokens_steps)
                 assert interval <= b.checkpoint_every, name
     assert BUDGETS["quick"].checkpoint_interval(16) == 4
+
+
+def test_background_checkpoints_hold_the_state_as_saved_and_report_a_failed_write(tmp_path) -> None:
+    from hyla.convert.checkpoint_writer import BackgroundSaver
+
+    weights = torch.randn(4, 3)
+    before = weights.clone()
+    saver = BackgroundSaver()
+    saver.save(tmp_path / "a" / "checkpoint.pt", {"model": {"w": weights}, "step": 7, "curve": [(0, 1.5)]})
+    weights.add_(1)  # training goes on: the file keeps the values at `save`
+    saver.save(tmp_path / "b.pt", {"model": {"w": weights}, "step": 8})
+    saver.close()
+    first = torch.load(tmp_path / "a" / "checkpoint.pt")
+    assert torch.equal(first["model"]["w"], before) and first["step"] == 7 and first["curve"] == [(0, 1.5)]
+    assert torch.equal(torch.load(tmp_path / "b.pt")["model"]["w"], weights)
+    assert not list(tmp_path.rglob("*.tmp"))
+    (tmp_path / "file").write_text("x")
+    saver = BackgroundSaver()
+    saver.save(tmp_path / "file" / "checkpoint.pt", {"step": 1})  # its folder cannot be made
+    with pytest.raises(OSError):
+        saver.close()
