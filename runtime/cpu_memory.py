@@ -1,4 +1,9 @@
-"""glibc malloc settings for the CPU engine: keep freed memory for reuse instead of returning it.
+"""CPU memory for the engine: cache tensors mapped on first touch, and glibc malloc settings that
+keep freed memory for reuse instead of returning it.
+
+`zeros` gives the KV and state pools zero-filled pages the OS maps only when first written, so a
+2 GiB cache neither costs a third of a second to clear at start-up nor occupies memory it does not
+use yet.
 
 A prefill step on the CPU allocates activations of several to tens of megabytes per op. By default
 glibc serves such blocks with fresh mappings and trims the top of its heap after frees, so each op
@@ -13,7 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
 import os
+
+import torch
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -23,6 +32,16 @@ MMAP_THRESHOLD_MAX = 32 << 20
 TOP_PAD = 64 << 20
 
 _done: list[bool] = []
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`torch.zeros(shape)`; on the CPU over an anonymous mapping, whose pages the OS maps (zeroed)
+    on first touch."""
+    numel = math.prod(shape)
+    if torch.device(device).type != "cpu" or numel == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=numel).view(shape)
 
 
 def keep_freed_memory() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyla.runtime.config import HybridConfig
+from hyla.runtime.cpu_memory import zeros
 from hyla.runtime.ops import cpu_kernels
 
 
@@ -19,9 +20,9 @@ class PagedKVCache:
     ) -> None:
         self.block_size = block_size
         self.layer_index = {layer: i for i, layer in enumerate(config.softmax_layers)}
-        self.data = torch.zeros(
-            len(self.layer_index), 2, num_blocks * block_size, config.num_key_value_heads, config.head_dim,
-            dtype=dtype, device=device,
+        self.data = zeros(
+            (len(self.layer_index), 2, num_blocks * block_size, config.num_key_value_heads, config.head_dim),
+            dtype, device,
         )
 
     def keys_values(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

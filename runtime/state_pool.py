@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from hyla.runtime.config import HybridConfig
+from hyla.runtime.cpu_memory import zeros
 
 
 class StatePool:
@@ -27,10 +28,8 @@ class StatePool:
         self.layer_index = {layer: i for i, layer in enumerate(config.linear_layers)}
         n, h, d = len(self.layer_index), config.num_attention_heads, config.head_dim
         width = config.linear_conv_size - 1
-        self.conv = (
-            torch.zeros(n, num_slots, 3 * h * d, width, dtype=dtype, device=device) if width > 0 else None
-        )
-        self.recurrent = torch.zeros(n, num_slots, h, d, d, dtype=state_dtype, device=device)
+        self.conv = zeros((n, num_slots, 3 * h * d, width), dtype, device) if width > 0 else None
+        self.recurrent = zeros((n, num_slots, h, d, d), state_dtype, device)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(conv `[slots, C, W-1]` or None, recurrent `[slots, H, D, D]`) views of one layer."""

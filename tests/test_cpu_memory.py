@@ -1,4 +1,5 @@
-"""glibc malloc tuning of the CPU engine: freed activations are reused without page faults."""
+"""CPU memory of the engine: freed activations are reused without page faults (glibc malloc tuning),
+and its cache pools take memory only where they are written."""
 
 from __future__ import annotations
 
@@ -45,3 +46,23 @@ def test_a_cpu_engine_tunes_the_process() -> None:
 
     LLMEngine(tiny_teacher("llama"), None, EngineConfig(model="tiny", cache_memory="16MiB"))
     assert cpu_memory._done
+
+
+def _resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_cache_pools_are_zeros_that_take_memory_only_where_written() -> None:
+    import torch
+
+    from hyla.runtime.cpu_memory import zeros
+
+    before = _resident()
+    pool = zeros((4, 64, 1 << 20), torch.bfloat16, "cpu")  # 512 MiB
+    assert _resident() - before < 32 << 20
+    assert pool.is_contiguous() and not pool[::7, ::5, ::4099].any()
+    pool[1, 3, :1000] = 2.5
+    assert _resident() - before < 32 << 20  # one page written
+    assert float(pool[1, 3].float().sum()) == 2500.0 and not pool[2].any()
+    assert torch.equal(zeros((3, 0), torch.float32, "cpu"), torch.zeros(3, 0))
