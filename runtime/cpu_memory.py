@@ -40,8 +40,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     numel = math.prod(shape)
     if torch.device(device).type != "cpu" or numel == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
-    size = numel * torch.empty((), dtype=dtype).element_size()
-    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=numel).view(shape)
+    return torch.frombuffer(mmap.mmap(-1, numel * dtype.itemsize), dtype=dtype, count=numel).view(shape)
 
 
 def keep_freed_memory() -> bool:

@@ -57,7 +57,7 @@ def _params(*modules: torch.nn.Module) -> tuple[tuple[dict, str], ...]:
     return tuple((m._parameters, name) for m in modules for name in m._parameters)
 
 
-def _plan(owner: torch.nn.Module, x: torch.Tensor) -> Plan | None:
+def _plan(owner: torch.nn.Module) -> Plan | None:
     """`owner`'s plan while its parameters are those it was made from (inference only)."""
     plan = owner.__dict__.get("_cpu_half_plan")
     if plan is None or torch.is_grad_enabled():
@@ -80,7 +80,7 @@ def mixer_half(mixer: torch.nn.Module, norm: RMSNorm, x: torch.Tensor, ctx: Forw
         kv = ctx.paged_kv(mixer.layer_idx)
         if kv is None or kv.keys.dtype is not x.dtype:
             return None
-        plan = _plan(mixer, x) or _attention_plan(mixer, norm, x, kv, ctx)
+        plan = _plan(mixer) or _attention_plan(mixer, norm, x, kv, ctx)
         if plan is None:
             return None
         cos, sin = ctx.rope
@@ -89,7 +89,7 @@ def mixer_half(mixer: torch.nn.Module, norm: RMSNorm, x: torch.Tensor, ctx: Forw
         slots = ctx.pooled_slots(mixer.layer_idx)
         if slots is None or slots.conv is None or ctx.token_mask is not None:
             return None
-        plan = _plan(mixer, x) or _gdn_plan(mixer, norm, x)
+        plan = _plan(mixer) or _gdn_plan(mixer, norm, x)
         if plan is None:
             return None
         return cpu_kernels.gdn_half(x, *plan.before, slots, ctx.cu_seqlens, *plan.after)
@@ -130,7 +130,7 @@ def mlp_residual(mlp: GatedMLP, norm: RMSNorm, x: torch.Tensor, a: torch.Tensor)
     """`(x + a) + mlp(norm(x + a))` as one op, or None where it does not apply."""
     if x.dtype is not torch.bfloat16 or not x.is_cpu or a.dtype is not x.dtype:
         return None
-    plan = _plan(mlp, x) or _mlp_plan(mlp, norm, x)
+    plan = _plan(mlp) or _mlp_plan(mlp, norm, x)
     if plan is None:
         return None
     return cpu_kernels.mlp_residual(x, a, *plan.before)

@@ -1,10 +1,12 @@
-"""Elementwise pieces of the layers compiled into fused kernels for CUDA inference.
+"""Elementwise pieces of the layers compiled into fused kernels for CUDA inference, and run as fla's
+fused Triton modules in CUDA training.
 
 A decode step of a small model is bound by kernel count, not bytes: RMSNorm, RoPE, gates and
 activations written as plain PyTorch take several kernels each. `fused(fn)` runs `fn` through
 `torch.compile` (one dynamic-shape compile per function) when its first argument is a CUDA tensor
 and no gradient is being recorded, and runs the plain function everywhere else — which stays the
-reference the tests compare against. `HYLA_FUSION=0` turns it off.
+reference the tests compare against. `HYLA_FUSION=0` turns it off. `fused(training=g)` runs `g`
+instead wherever `fla_modules.applies` (autograd recording on CUDA, where fla trains).
 
 A compiled call costs more host time than the few plain kernels it replaces (guards, wrappers),
 which only pays where the device, not the host, is the bottleneck: inside a CUDA graph (the host
@@ -24,6 +26,8 @@ from contextvars import ContextVar
 from typing import Callable, TypeVar
 
 import torch
+
+from hyla.runtime.ops import fla_modules
 
 logger = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
@@ -51,8 +55,11 @@ def fuse_always() -> Iterator[None]:
         _always.reset(token)
 
 
-def fused(fn: F) -> F:
-    """`fn` compiled for CUDA inference, plain otherwise."""
+def fused(fn: F | None = None, *, training: Callable | None = None) -> F | Callable[[F], F]:
+    """`fn` compiled for CUDA inference, `training` (same arguments) where fla's training modules
+    apply, plain otherwise. Used bare (`@fused`) or with `training` (`@fused(training=g)`)."""
+    if fn is None:
+        return functools.partial(fused, training=training)
     compiled: Callable | None = None
     broken = False
 
@@ -60,6 +67,8 @@ def fused(fn: F) -> F:
     def run(*args: torch.Tensor):
         nonlocal compiled, broken
         x = args[0]
+        if training is not None and fla_modules.applies(x):
+            return training(*args)
         if (x.is_cuda and not torch.is_grad_enabled() and fusion_enabled() and not broken
                 and (_always.get() or x.numel() >= MIN_EAGER_NUMEL)):
             if compiled is None:

@@ -17,7 +17,7 @@ from hyla.runtime.ops.gdn_step_cuda import fused_gdn_step_
 from hyla.runtime.ops.state_decode import gdn_decode_
 
 
-@fused
+@fused(training=fla_modules.l2_normalize)
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / ||x|| over the last dim (zero stays zero)."""
     return x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps).to(x.dtype)
@@ -64,8 +64,7 @@ class GatedDeltaNet(LinearMixer):
             return self.o_proj(fused[None])
         slots = ctx.decode_slots(self.layer_idx)
         q, k, v, conv_state = self.mix_qkv(qkv, ctx, slots)
-        norm = fla_modules.l2_normalize if fla_modules.applies(q) else l2_normalize
-        q, k = norm(q), norm(k)
+        q, k = l2_normalize(q), l2_normalize(k)
         g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
         if slots is not None:
             o = gdn_decode_(q[0], k[0], v[0], g[0], beta[0], slots.recurrent, slots.index, self.head_dim**-0.5)

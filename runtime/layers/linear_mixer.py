@@ -82,14 +82,13 @@ class LinearMixer(nn.Module):
         """o_proj(RMSNorm(o) * SiLU(gate)), `gate` being the g_proj output."""
         b, t, _ = gate.shape
         gate = gate.view(b, t, self.num_heads, self.head_dim)
-        norm = fla_modules.gated_rms_norm if fla_modules.applies(o) else gated_rms_norm
-        return self.o_proj(norm(o.to(gate.dtype), self.o_norm.weight, self.o_norm.eps, gate).reshape(b, t, -1))
+        return self.o_proj(gated_rms_norm(o.to(gate.dtype), self.o_norm.weight, self.o_norm.eps, gate).reshape(b, t, -1))
 
     def recurrent_state(self, ctx: ForwardContext) -> torch.Tensor | None:
         return ctx.linear_state(self.layer_idx)[1]
 
 
-@fused
+@fused(training=fla_modules.gated_rms_norm)
 def gated_rms_norm(o: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor) -> torch.Tensor:
     """RMSNorm(o) * SiLU(gate)."""
     return rms_norm.plain(o, weight, eps) * F.silu(gate)

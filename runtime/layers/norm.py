@@ -20,8 +20,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.usable(x, self.weight):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
-        if fla_modules.applies(x):
-            return fla_modules.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +32,7 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
-@fused
+@fused(training=fla_modules.rms_norm)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
