@@ -1,61 +1,99 @@
-"""A no-grad forward replayed from a CUDA graph: the teacher's pass in every distillation step.
+"""A training step's forward and backward replayed from one CUDA graph.
 
-The teacher runs the same input shape step after step, and eagerly its forward costs the host more
-time than the device (hundreds of small kernels a layer); a training step of a small student is
-bound by that host time. Captured once, each replay is one launch.
+Eagerly, a distillation step of a small student is bound by the host, not the device: the teacher's
+forward, fla's Python around every Gated DeltaNet layer and the backward of each launch thousands of
+small kernels. Every step runs the same shapes, so after a few eager steps (which also autotune the
+Triton kernels) the forward and backward are captured once, and each later step is one replay that
+leaves the gradients in the same tensors. The optimizer stays eager: a few fused launches, with an
+lr that changes every step. A batch of another shape, a forward that cannot be captured (one that
+syncs with the host) and a CPU device run eagerly: still correct, only slower.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import os
+from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
 
-class GraphedForward:
-    """`fn(ids)` without gradients, replayed from a graph captured on the first CUDA call. Inputs of
-    another shape or device, and a forward that cannot be captured, run eagerly. Returns a fresh
-    tensor each call."""
+def graphs_wanted(device: torch.device, world: int) -> bool:
+    """Whether training steps on `device` should be graphed: on CUDA, in one process (DDP's
+    all-reduce hooks stay eager), unless `HYLA_TRAIN_GRAPHS=0`."""
+    return device.type == "cuda" and world == 1 and os.environ.get("HYLA_TRAIN_GRAPHS", "1") != "0"
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], warmup: int = 2) -> None:
-        self.fn, self.warmup = fn, warmup
+
+class TrainStep:
+    """`step(ids)`: the loss of `loss_fn(ids)`, its gradients left in the parameters' `.grad`.
+
+    With `graphed`, the first `warmup` CUDA steps run eagerly on a side stream, the next is captured,
+    and later ones of the same shape replay the capture; the returned loss is then the graph's own
+    tensor, overwritten by the next replay (read it, or copy it, before that)."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        params: Sequence[nn.Parameter],
+        graphed: bool,
+        warmup: int = 2,
+    ) -> None:
+        self.loss_fn, self.params, self.warmup = loss_fn, list(params), warmup
+        self.eager = not graphed
+        self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_in: torch.Tensor | None = None
-        self.static_out: torch.Tensor | None = None
-        self.eager = False
+        self.static_ids: torch.Tensor | None = None
+        self.static_loss: torch.Tensor | None = None
 
-    @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        if not ids.is_cuda or self.eager:
-            return self.fn(ids)
-        if self.graph is None:
-            self._capture(ids)
-            if self.graph is None:
-                return self.fn(ids)
-        if ids.shape != self.static_in.shape or ids.device != self.static_in.device:
-            return self.fn(ids)
-        self.static_in.copy_(ids)
-        self.graph.replay()
-        return self.static_out.clone()
+        if self.graph is not None and ids.shape == self.static_ids.shape:
+            self.static_ids.copy_(ids)
+            self.graph.replay()
+            return self.static_loss
+        if self.eager or self.graph is not None or not ids.is_cuda:
+            return self._run(ids)
+        if self.eager_steps < self.warmup:
+            self.eager_steps += 1
+            return self._on_side_stream(ids)
+        self._capture(ids)
+        return self(ids)
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        for p in self.params:
+            if self.graph is not None and p.grad is not None:
+                p.grad.zero_()  # the graph's gradient tensors stay where the optimizer finds them
+            else:
+                p.grad = None
+        loss = self.loss_fn(ids)
+        loss.backward()
+        return loss.detach()
+
+    def _on_side_stream(self, ids: torch.Tensor) -> torch.Tensor:
+        """An eager step on a side stream, as warm-up before a capture must be."""
+        main = torch.cuda.current_stream(ids.device)
+        side = torch.cuda.Stream(ids.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            loss = self._run(ids)
+        main.wait_stream(side)
+        return loss
 
     def _capture(self, ids: torch.Tensor) -> None:
-        static_in = ids.clone()
-        side = torch.cuda.Stream(ids.device)
-        side.wait_stream(torch.cuda.current_stream(ids.device))
+        for p in self.params:
+            p.grad = None
+        static_ids, graph = ids.clone(), torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(static_in)
-            torch.cuda.current_stream(ids.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.fn(static_in)
+                static_loss = self.loss_fn(static_ids)
+                static_loss.backward()
         except RuntimeError as exc:  # a host sync or an uncapturable op: stay eager, still correct
             torch.cuda.synchronize(ids.device)
-            logger.warning("running the teacher eagerly: its forward cannot be captured (%s)", exc)
+            logger.warning("training eagerly: the step cannot be captured in a CUDA graph (%s)", exc)
             self.eager = True
+            for p in self.params:
+                p.grad = None
             return
-        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+        self.graph, self.static_ids, self.static_loss = graph, static_ids, static_loss.detach()

@@ -1,6 +1,7 @@
-"""The training loop every stage shares: AdamW (fused on CUDA), warmup + cosine lr, progress (tqdm
-or plain log lines), loss curve, and resumable checkpoints of the trained parameters and optimizer,
-written in the background while training goes on."""
+"""The training loop every stage shares: AdamW (fused on CUDA), warmup + cosine lr, forward and
+backward replayed from a CUDA graph (`graphed.py`), progress (tqdm or plain log lines), loss curve,
+and resumable checkpoints of the trained parameters and optimizer, written in the background while
+training goes on."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from hyla.convert.checkpoint_writer import BackgroundSaver
 from hyla.convert.data import BatchStream
 from hyla.convert.distributed import Dist
+from hyla.convert.graphed import TrainStep, graphs_wanted
 from hyla.convert.students import autocast
 
 
@@ -31,6 +33,8 @@ class StageResult:
     steady_tokens_per_s: float | None = None
     """The rate after the first tenth of the steps the last run took (kernel compilation, autotuning
     and allocator warm-up left out); None when that run took fewer than two steps."""
+    graphed: bool = False
+    """Whether the last run's steps replayed a CUDA graph (`graphed.py`)."""
 
     def summary(self) -> dict:
         return {
@@ -39,6 +43,7 @@ class StageResult:
             "seconds": round(self.seconds, 2),
             "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
             "steady_tokens_per_s": round(self.steady_tokens_per_s, 1) if self.steady_tokens_per_s else None,
+            "graphed": self.graphed,
             "final_loss": self.curve[-1][1] if self.curve else None,
             "curve": self.curve,
         }
@@ -79,7 +84,8 @@ def train_loop(
     run: LoopSettings,
     clip: float | None = 1.0,
 ) -> StageResult:
-    """Minimise `loss_fn(batch)` (under autocast) on `stream`'s batches for `run.steps` optimizer steps.
+    """Minimise `loss_fn(batch)` (under autocast) on `stream`'s batches for `run.steps` optimizer steps;
+    on one CUDA device its forward and backward replay a CUDA graph after the first steps.
 
     With `run.checkpoint`, the trainable state, optimizer, curve and elapsed time are saved every
     `run.checkpoint_every` steps, and a rerun continues from the last one.
@@ -95,6 +101,12 @@ def train_loop(
         curve = [tuple(p) for p in saved["curve"]]
         start, result = saved["step"], StageResult(curve, saved["tokens"], saved["seconds"])
     params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        with autocast(dist.device):
+            return loss_fn(ids)
+
+    train_step = TrainStep(forward, params, graphs_wanted(dist.device, dist.world))
     saver = BackgroundSaver()
     bar = tqdm(
         total=steps, initial=start, desc=name, unit="step", disable=quiet or not dist.is_main, file=sys.stderr,
@@ -128,17 +140,13 @@ def train_loop(
         for step in range(start, steps):
             for group, peak in zip(optimizer.param_groups, peaks):
                 group["lr"] = peak * lr_factor(step, steps, run.warmup)
-            optimizer.zero_grad(set_to_none=True)
-            ids = _to_device(stream(step), dist.device)
-            with autocast(dist.device):
-                batch_loss = loss_fn(ids)
-            batch_loss.backward()
+            batch_loss = train_step(_to_device(stream(step), dist.device))
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             if pending is not None:
                 record(*pending)
-            pending = (step, _read_later(batch_loss.detach()))
+            pending = (step, _read_later(batch_loss))
             due = step + 1 == steps or (run.checkpoint_every and (step + 1) % run.checkpoint_every == 0)
             if checkpoint is not None and due:
                 record(*pending)
@@ -156,6 +164,7 @@ def train_loop(
             record(*pending)
     finally:  # an interrupted stage still finishes writing its last checkpoint
         saver.close()
+    result.graphed = train_step.graph is not None
     bar.close()
     model.eval()
     return result

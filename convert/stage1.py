@@ -54,7 +54,7 @@ def capture_attention(teacher: PreTrainedModel, input_ids: torch.Tensor, layers:
         teacher.model.layers[i].self_attn.register_forward_hook(hook(i), with_kwargs=True) for i in layers
     ]
     try:
-        teacher.model(input_ids=input_ids)
+        teacher.model(input_ids=input_ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()

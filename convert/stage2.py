@@ -13,7 +13,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hyla.convert.data import BatchStream
-from hyla.convert.graphed import GraphedForward
 from hyla.convert.kl import chunked_kl
 from hyla.convert.loop import LoopSettings, StageResult, adamw, train_loop
 from hyla.convert.students import final_hidden
@@ -57,9 +56,9 @@ def run_stage2(
     wrapped = run.dist.wrap(distiller)
     optimizer = adamw(param_groups(student, lr_mixer, lr_rest), run.dist.device)
 
-    teacher_hidden = GraphedForward(lambda ids: final_hidden(teacher, ids))
-
     def loss(ids: torch.Tensor) -> torch.Tensor:
-        return wrapped(ids, teacher_hidden(ids))
+        with torch.no_grad():
+            teacher_hidden = final_hidden(teacher, ids)
+        return wrapped(ids, teacher_hidden)
 
     return train_loop(name, student, optimizer, loss, stream, run)

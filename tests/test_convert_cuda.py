@@ -41,6 +41,7 @@ def test_cuda_conversion_selects_like_cpu_and_exports_bf16(tmp_path: Path, monke
     held = cuda["heldout"]
     assert held["result"]["kl"] < held["untrained_transfer"]["kl"]
     assert cuda["stages"]["stage2"]["tokens_per_s"] > 0
+    assert cuda["stages"]["stage1"]["graphed"] and cuda["stages"]["stage2"]["graphed"]
     assert cuda["stages"]["stage2"]["mixer_kernels"].startswith(("fla (", "pytorch (fla refused"))
 
     with safe_open(tmp_path / "cuda" / "model.safetensors", framework="pt") as f:
@@ -50,16 +51,30 @@ def test_cuda_conversion_selects_like_cpu_and_exports_bf16(tmp_path: Path, monke
     assert out.shape == (1, 9)
 
 
-def test_the_graphed_teacher_forward_matches_the_eager_one() -> None:
-    from hyla.convert.graphed import GraphedForward
-    from hyla.convert.students import autocast, final_hidden
+def test_graphed_training_steps_match_eager_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyla.convert.data import BatchStream
+    from hyla.convert.distributed import Dist
+    from hyla.convert.loop import LoopSettings
+    from hyla.convert.stage2 import run_stage2
+    from hyla.convert.students import make_student
     from tests.tiny_models import tiny_teacher
 
-    teacher = tiny_teacher("llama", 3).to("cuda", torch.bfloat16)
-    graphed = GraphedForward(lambda ids: final_hidden(teacher, ids))
-    for step, shape in enumerate([(4, 96), (4, 96), (2, 50), (4, 96)]):
-        ids = torch.randint(0, 128, shape, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
-        with torch.no_grad(), autocast(torch.device("cuda")):
-            got, want = graphed(ids), final_hidden(teacher, ids)
-        assert not graphed.eager and graphed.static_in.shape == (4, 96)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    dev = torch.device("cuda")
+    teacher = tiny_teacher("llama", 4, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    teacher = teacher.to(dev).requires_grad_(False)
+    blocks = torch.randint(0, 128, (40, 96), generator=torch.Generator().manual_seed(int(torch.seed() % 2**31)))
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("HYLA_TRAIN_GRAPHS", switch)
+        student = make_student(teacher, [1], "gdn", seed=0).to(dev)
+        result = run_stage2(
+            "stage 2", teacher, student, BatchStream(blocks, 4, seed=1), 1e-3, 1e-4, 64,
+            LoopSettings(steps=8, dist=Dist(device=dev), warmup=2, quiet=True),
+        )
+        runs[switch] = (result, torch.cat([p.detach().flatten() for p in student.parameters()]))
+    (graphed, graphed_params), (eager, eager_params) = runs["1"], runs["0"]
+    assert graphed.graphed and not eager.graphed
+    losses = [torch.tensor([loss for _, loss in r.curve]) for r in (graphed, eager)]
+    assert len(set(losses[1].tolist())) == 8  # eight different batches, eight different losses
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(graphed_params, eager_params, rtol=0, atol=2e-3)
