@@ -277,7 +277,6 @@ class ModelRunner:
     ) -> LaunchedStep:
         """Draw the next tokens into `drawn` (each drawing sequence's `input_row` points at its own)
         and queue the copies of tokens and log-probabilities to the host."""
-        logits = logits.float()
         draw_rows, params, seeds, positions = [], [], [], []
         for w, last in zip(work, last_rows):
             if w.draws:
@@ -289,15 +288,15 @@ class ModelRunner:
                 positions.append(w.chunk.seq.num_tokens)
         tokens = None
         if draw_rows:
-            rows = self.to_device(draw_rows)
+            drawing = logits[self.to_device(draw_rows)].float()
             if all(p.greedy for p in params):
-                drawn = logits[rows].argmax(-1)
+                drawn = drawing.argmax(-1)
             else:
                 fp = torch.tensor([[0.0 if p.greedy else p.temperature, p.top_p] for p in params])
                 vocab = logits.shape[-1]  # any top_k past the vocabulary means no filter
                 ints = self.to_device([min(p.top_k, vocab) for p in params] + seeds + positions).split(len(params))
                 fp = fp.to(self.device, non_blocking=True)
-                drawn = sample(logits[rows], fp[:, 0], ints[0], fp[:, 1], ints[1], ints[2])
+                drawn = sample(drawing, fp[:, 0], ints[0], fp[:, 1], ints[1], ints[2])
             self.drawn[: len(draw_rows)] = drawn
             tokens = self._to_host(drawn)
         scores, top_n = self._score(work, logits, row_of)
@@ -327,7 +326,9 @@ class ModelRunner:
         if not rows:
             return None, []
         index, ids = self.to_device(rows + targets).split(len(rows))
-        scores = score_tokens(logits[index], self.resolve_ids(ids), max(top_n))
+        if rows != list(range(logits.shape[0])):  # else every row, in order: no copy of the logits
+            logits = logits[index]
+        scores = score_tokens(logits, self.resolve_ids(ids), max(top_n))
         return Scores(*(self._to_host(t) for t in scores)), top_n
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
