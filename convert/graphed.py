@@ -84,6 +84,7 @@ class TrainStep:
     def _capture(self, ids: torch.Tensor) -> None:
         for p in self.params:
             p.grad = None
+        torch.cuda.empty_cache()  # the graph's own memory pool takes what eager steps had cached
         static_ids, graph = ids.clone(), torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
