@@ -158,6 +158,10 @@ def run(
         True, "--enable-prefix-caching/--no-enable-prefix-caching",
         help="Reuse computed prefixes (a multiple-choice context is computed once for all its endings).",
     ),
+    enforce_eager: bool = typer.Option(
+        False, "--enforce-eager",
+        help="No CUDA graphs (captured at start-up on CUDA; log-likelihood tasks run no decode steps).",
+    ),
     recall_lengths: str = typer.Option(None, help="Recall context lengths, e.g. 512,1024 (default: 512..model max)."),
     recall_samples: int = typer.Option(20, help="Recall samples per probe and length."),
     output: Path = typer.Option(None, help="Write lm-eval's results JSON here."),
@@ -173,7 +177,7 @@ def run(
         lm = HylaLM(
             pretrained=model, batch_size=batch_size, device=device, dtype=dtype,
             max_num_batched_tokens=max_num_batched_tokens, cache_memory=cache_memory,
-            enable_prefix_caching=enable_prefix_caching,
+            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
         )
     except (OSError, ValueError) as exc:
         raise fail(f"cannot load {model!r}: {exc}") from exc

@@ -59,7 +59,7 @@ def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error_or_lm_eval_c
     tiny_dir: Path, cache: Path, tmp_path: Path
 ) -> None:
     cmd = [sys.executable, "-m", "hyla", "eval", "run", str(tiny_dir), "--tasks", "arc_easy", "--limit", "4",
-           "--output", str(tmp_path / "out.json")]
+           "--enforce-eager", "--output", str(tmp_path / "out.json")]
     env = {**os.environ, "HYLA_CACHE": str(cache)}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
