@@ -34,20 +34,34 @@ struct Head {
 
 void pack_head(Head& hd, const uint16_t* kc, const uint16_t* vc, const int32_t* table, int64_t block_size,
                int64_t Hkv, int64_t D) {
-  const int64_t kblocks = (hd.ctx + kBlock - 1) / kBlock, vpairs = (hd.ctx + 1) / 2;
-  hd.keys.assign(kblocks * kBlock * D, 0);
-  hd.values.assign(D * vpairs * 2, 0);
-  for (int64_t t = 0; t < hd.ctx; ++t) {
+  // Runs once per (sequence, KV head) and layer, over the whole context however few the queries
+  // (a short suffix after a long cached prefix): written as 32-bit moves the compiler vectorises.
+  const int64_t kblocks = (hd.ctx + kBlock - 1) / kBlock, vpairs = (hd.ctx + 1) / 2, words = D / 2;
+  hd.keys.resize(kblocks * kBlock * D);
+  hd.values.resize(D * vpairs * 2);
+  auto row = [&](const uint16_t* pool, int64_t t) {
     const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
-    const uint16_t* k = kc + (slot * Hkv + hd.h) * D;
-    const uint16_t* v = vc + (slot * Hkv + hd.h) * D;
-    uint16_t* kd = hd.keys.data() + (t / kBlock) * (D / 2) * kBlock * 2 + (t % kBlock) * 2;
-    for (int64_t p = 0; p < D / 2; ++p) {
-      kd[p * kBlock * 2] = k[2 * p];
-      kd[p * kBlock * 2 + 1] = k[2 * p + 1];
+    return reinterpret_cast<const uint32_t*>(pool + (slot * Hkv + hd.h) * D);
+  };
+  static const uint32_t kZeros[256] = {};  // the rows past the context (D <= 512)
+  uint32_t* keys = reinterpret_cast<uint32_t*>(hd.keys.data());
+  for (int64_t b = 0; b < kblocks; ++b) {  // a block of 16 key rows, transposed to [D/2, 16] words
+    const uint32_t* rows[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) rows[j] = b * kBlock + j < hd.ctx ? row(kc, b * kBlock + j) : kZeros;
+    uint32_t* dst = keys + b * words * kBlock;
+    for (int64_t p = 0; p < words; ++p)
+      for (int64_t j = 0; j < kBlock; ++j) dst[p * kBlock + j] = rows[j][p];
+  }
+  uint32_t* values = reinterpret_cast<uint32_t*>(hd.values.data());
+  for (int64_t pair = 0; pair < vpairs; ++pair) {  // two positions interleaved per 32-bit word
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(row(vc, 2 * pair));
+    const uint16_t* b = 2 * pair + 1 < hd.ctx ? reinterpret_cast<const uint16_t*>(row(vc, 2 * pair + 1))
+                                               : reinterpret_cast<const uint16_t*>(kZeros);
+    for (int64_t blk = 0; blk < D / kBlock; ++blk) {
+      uint32_t* dst = values + (blk * vpairs + pair) * kBlock;
+      for (int64_t i = 0; i < kBlock; ++i)
+        dst[i] = static_cast<uint32_t>(a[blk * kBlock + i]) | static_cast<uint32_t>(b[blk * kBlock + i]) << 16;
     }
-    uint16_t* vd = hd.values.data() + (t / 2) * kBlock * 2 + (t % 2);
-    for (int64_t d = 0; d < D; ++d) vd[(d / kBlock) * vpairs * kBlock * 2 + (d % kBlock) * 2] = v[d];
   }
 }
 
@@ -62,7 +76,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
                   v_cache.scalar_type() == at::kBFloat16,
               "bf16 pools [slots, Hkv, D]");
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1), G = Hq / Hkv;
-  TORCH_CHECK(D % kBlock == 0 && k_cache.size(2) == D && Hq % Hkv == 0, "head width a multiple of 16");
+  TORCH_CHECK(D % kBlock == 0 && D <= 512 && k_cache.size(2) == D && Hq % Hkv == 0,
+              "head width a multiple of 16, at most 512");
   at::Tensor cu = cu_seqlens_q.to(at::kLong).contiguous(), lens = context_lens.to(at::kLong).contiguous();
   at::Tensor tables = block_tables.to(at::kInt).contiguous();
   const int64_t N = lens.numel(), max_blocks = tables.size(1);
