@@ -78,3 +78,18 @@ def test_graphed_training_steps_match_eager_ones(monkeypatch: pytest.MonkeyPatch
     assert len(set(losses[1].tolist())) == 8  # eight different batches, eight different losses
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-3, atol=1e-5)
     torch.testing.assert_close(graphed_params, eager_params, rtol=0, atol=2e-3)
+
+
+def test_fla_training_turned_off_leaves_training_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyla.runtime.ops import fla_backend, fla_modules
+
+    dev = torch.device("cuda")
+    monkeypatch.setenv("HYLA_FLA_TRAINING", "0")
+    fla_backend.trains.cache_clear()
+    try:
+        assert not fla_backend.trains("gdn", dev)
+        assert fla_backend.training_kernels("gdn", dev) == "pytorch (HYLA_FLA_TRAINING=0)"
+        with torch.enable_grad():
+            assert not fla_modules.applies(torch.zeros(2, device=dev))
+    finally:
+        fla_backend.trains.cache_clear()

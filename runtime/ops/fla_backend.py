@@ -11,6 +11,7 @@ Hopper raises for its gated backward); :func:`trains` finds out once per op and 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from importlib import metadata
 
@@ -79,11 +80,18 @@ def _fp32(state: Tensor | None) -> Tensor | None:
     return None if state is None else state.float()
 
 
+def training_allowed() -> bool:
+    """Whether training may use fla at all (`HYLA_FLA_TRAINING`, on unless "0")."""
+    return os.environ.get("HYLA_FLA_TRAINING", "1") != "0"
+
+
 def training_kernels(op: str, device: torch.device) -> str:
     """What backpropagates through `op` on `device`: fla's kernels or the PyTorch reference, with
     the versions that decided it on CUDA."""
     if device.type != "cuda":
         return "pytorch"
+    if not training_allowed():
+        return "pytorch (HYLA_FLA_TRAINING=0)"
     import triton
 
     versions = f"fla-core {metadata.version('fla-core')}, triton {triton.__version__}"
@@ -94,8 +102,11 @@ def training_kernels(op: str, device: torch.device) -> str:
 def trains(op: str, device: torch.device) -> bool:
     """Whether fla's chunked kernels of `op` ("gdn" or "gla") can backpropagate on `device`.
 
-    Runs one tiny bf16 forward and backward; a refusal is reported once as a warning.
+    Runs one tiny bf16 forward and backward; a refusal is reported once as a warning. Never with
+    `HYLA_FLA_TRAINING=0` (training then takes the PyTorch reference, inference keeps fla).
     """
+    if not training_allowed():
+        return False
     gen = torch.Generator(device).manual_seed(0)
     shape = (1, 64, 1, 64)
     q, k, v = (torch.randn(shape, device=device, generator=gen) for _ in range(3))
