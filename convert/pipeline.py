@@ -223,7 +223,8 @@ class Pipeline:
         rate, steady = summary["tokens_per_s"], summary["steady_tokens_per_s"]
         self.log(f"{step}: {loss} {summary['final_loss']} in {result.seconds:.0f}s"
                  + (f", {rate:.0f} tok/s" if rate else "") + (f" ({steady:.0f} once warm)" if steady else "")
-                 + f", mixers on {summary['mixer_kernels']}" + (", steps replayed from a CUDA graph" if result.graphed else ""))
+                 + f", mixers on {summary['mixer_kernels']}"
+                 + (", steps replayed from a CUDA graph" if result.graphed else ""))
         self.mark(step, summary)
         if self.dist.is_main:  # the stage's result is saved: its resume point is of no more use
             (self.out / step / "checkpoint.pt").unlink(missing_ok=True)
