@@ -6,6 +6,7 @@ import contextlib
 import logging
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import click
@@ -173,6 +174,7 @@ def run(
     from hyla.evals.recall import default_lengths
 
     names = expand_tasks(tasks)
+    began = time.perf_counter()
     try:
         lm = HylaLM(
             pretrained=model, batch_size=batch_size, device=device, dtype=dtype,
@@ -183,8 +185,10 @@ def run(
         raise fail(f"cannot load {model!r}: {exc}") from exc
     lengths = [int(n) for n in recall_lengths.split(",")] if recall_lengths else default_lengths(lm.max_length)
     limit_arg = int(limit) if limit is not None and limit >= 1 else limit
+    loaded = time.perf_counter()
     results = evaluate(lm, names, limit_arg, num_fewshot, lengths, recall_samples, tokenizer=model)
     typer.echo(make_table(results))
+    typer.echo(f"model loaded in {loaded - began:.1f} s, tasks evaluated in {time.perf_counter() - loaded:.1f} s")
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2, default=handle_non_serializable))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,4 @@ def test_hyla_eval_run_outside_a_git_repository_prints_no_git_error_or_lm_eval_c
     assert "not a git repository" not in done.stderr + done.stdout
     assert "--metadata" not in done.stderr + done.stdout  # lm-eval's advice for its own command line
     assert "arc_easy" in json.loads((tmp_path / "out.json").read_text())["results"]
+    assert re.search(r"model loaded in \d+\.\d s, tasks evaluated in \d+\.\d s", done.stdout)
