@@ -1,4 +1,4 @@
-"""`benchmarks/train_step.py` end to end on the CPU (a tiny shape): both backends' rows and its JSON."""
+"""Benchmark scripts end to end on the CPU: their tables and JSON (the speeds themselves are not judged)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+import pytest
+import torch
+
+from hyla.runtime.ops import cpu_kernels
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "train_step.py"
 
 
 def test_train_step_benchmark_reports_both_backends(tmp_path: Path) -> None:
@@ -27,3 +33,19 @@ def test_train_step_benchmark_refuses_a_student_without_linear_layers(tmp_path: 
     cmd = [sys.executable, str(SCRIPT), "--shape", "tiny", "--softmax-layers", "4", "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--softmax-layers must be between 1 and 3" in done.stderr
+
+
+def _prefill_kernel() -> bool:
+    with torch.no_grad():
+        return cpu_kernels.prefill_supported(torch.zeros(1, 9, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not _prefill_kernel(), reason="needs the CPU kernels with AVX512-BF16")
+def test_cpu_prefill_attention_benchmark_times_every_case(tmp_path: Path) -> None:
+    out = tmp_path / "cpa.json"
+    cmd = [sys.executable, str(BENCHMARKS / "cpu_prefill_attention.py"), "--reps", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and all(r["ms"] > 0 and r["gflop_s"] > 0 for r in rows)
+    assert "| 8 | 64 | 1347 |" in done.stdout
