@@ -3,11 +3,12 @@
     python benchmarks/train_step.py --shape smollm2-135m --softmax-layers 8 --batch 16 --seq-len 1024 --out train_step.json
 
 A random-weight teacher of the shape and its student (`--softmax-layers` evenly spaced softmax
-layers, the rest Gated DeltaNet) run the step `hyla convert` runs in stage 2 (teacher forward, KL,
-backward replayed from a CUDA graph, clipping, fused AdamW) for `--steps` timed steps after
-`--warmup` steps. Each backend runs in a process of its own: `fla` as the machine allows (its log
-says whether fla trains there), `pytorch` with `HYLA_FLA_TRAINING=0`. The first fla run on a machine
-autotunes fla's kernels for minutes (kept in `TRITON_CACHE_DIR`). Prints a table, writes JSON.
+layers, the rest Gated DeltaNet) run stage 2 as `hyla convert` does (teacher forward, KL, backward
+replayed from a CUDA graph, clipping, fused AdamW) for `--steps` steps; the rate is the one the
+conversion reports, after the first tenth of the steps. Each backend runs in a process of its own:
+`fla` as the machine allows (its log says whether fla trains there), `pytorch` with
+`HYLA_FLA_TRAINING=0`. The first fla run on a machine autotunes fla's kernels for minutes (kept in
+`TRITON_CACHE_DIR`). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -17,21 +18,22 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
 BACKENDS = {"fla": "1", "pytorch": "0"}
 
 
-def measure(shape: str, softmax_layers: int, batch: int, seq_len: int, steps: int, warmup: int, device: str) -> dict:
-    """Tokens/s of the stage-2 step in this process (its backend chosen by the environment)."""
+def measure(shape: str, softmax_layers: int, batch: int, seq_len: int, steps: int, device: str) -> dict:
+    """Stage 2 as the conversion runs it (`run_stage2`), in this process (its backend chosen by the
+    environment), on random blocks; its rate once warm as the conversion reports it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hyla.convert.graphed import TrainStep, graphs_wanted
-    from hyla.convert.loop import adamw
-    from hyla.convert.stage2 import Distiller, param_groups
-    from hyla.convert.students import autocast, final_hidden, make_student
+    from hyla.convert.data import BatchStream
+    from hyla.convert.distributed import Dist
+    from hyla.convert.loop import LoopSettings
+    from hyla.convert.stage2 import run_stage2
+    from hyla.convert.students import make_student
     from hyla.runtime.bench_models import SHAPES, hybrid_layer_types
     from hyla.runtime.ops.fla_backend import training_kernels
 
@@ -42,39 +44,15 @@ def measure(shape: str, softmax_layers: int, batch: int, seq_len: int, steps: in
     teacher = LlamaForCausalLM(config).to(dev, dtype).eval().requires_grad_(False)
     types = hybrid_layer_types(config.num_hidden_layers, softmax_layers / config.num_hidden_layers)
     student = make_student(teacher, [i for i, t in enumerate(types) if t == "attention"], "gdn", seed=0).to(dev)
-    distiller = Distiller(student, teacher.lm_head.weight.detach(), 4096)
-    optimizer = adamw(param_groups(student, 1e-4, 7e-6), dev)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def loss(ids: torch.Tensor) -> torch.Tensor:
-        with autocast(dev):
-            with torch.no_grad():
-                hidden = final_hidden(teacher, ids)
-            return distiller(ids, hidden)
-
-    step = TrainStep(loss, params, graphs_wanted(dev, 1))
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(dev)
-
-    def run(n: int) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        began = time.perf_counter()
-        for _ in range(n):
-            step(ids)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - began
-
-    warm_s = run(warmup)
-    seconds = run(steps)
+    blocks = torch.randint(0, config.vocab_size, (4 * batch, seq_len), generator=torch.Generator().manual_seed(0))
+    result = run_stage2("stage 2", teacher, student, BatchStream(blocks, batch, seed=0), 1e-4, 7e-6, 4096,
+                        LoopSettings(steps, Dist(device=dev), quiet=True))
     return {
         "mixer_kernels": training_kernels("gdn", dev),
-        "graphed": step.graph is not None,
-        "warmup_s": round(warm_s, 2),
-        "step_ms": round(seconds / steps * 1e3, 2),
-        "tokens_per_s": round(steps * batch * seq_len / seconds, 1),
+        "graphed": result.graphed,
+        "seconds": round(result.seconds, 2),
+        "step_ms": round(batch * seq_len / result.steady_tokens_per_s * 1e3, 2),
+        "tokens_per_s": round(result.steady_tokens_per_s, 1),
     }
 
 
@@ -84,8 +62,8 @@ def main() -> None:
     parser.add_argument("--softmax-layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5, help="steps before timing (graph capture, autotuning)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="steps; the rate leaves out the first tenth (graph capture, autotuning)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backends", default="fla,pytorch", help="comma-separated: fla, pytorch")
     parser.add_argument("--out", default="train_step.json")
@@ -96,9 +74,11 @@ def main() -> None:
     if args.shape not in SHAPES:
         parser.error(f"unknown shape {args.shape!r}; choose from {sorted(SHAPES)}")
     layers = SHAPES[args.shape]["num_hidden_layers"]
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the rate leaves out the first)")
     if not 0 < args.softmax_layers < layers:
         parser.error(f"--softmax-layers must be between 1 and {layers - 1} for {args.shape}")
-    point = (args.shape, args.softmax_layers, args.batch, args.seq_len, args.steps, args.warmup, args.device)
+    point = (args.shape, args.softmax_layers, args.batch, args.seq_len, args.steps, args.device)
     if args.one:
         print(json.dumps(measure(*point)))
         return

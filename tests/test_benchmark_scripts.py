@@ -19,7 +19,7 @@ SCRIPT = BENCHMARKS / "train_step.py"
 def test_train_step_benchmark_reports_both_backends(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
     cmd = [sys.executable, str(SCRIPT), "--shape", "tiny", "--softmax-layers", "1", "--device", "cpu", "--batch", "2",
-           "--seq-len", "32", "--steps", "2", "--warmup", "1", "--out", str(out)]
+           "--seq-len", "32", "--steps", "2", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| fla | pytorch |" in done.stdout and "fla / pytorch:" in done.stdout

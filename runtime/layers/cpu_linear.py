@@ -101,13 +101,18 @@ class PackedLinear(nn.Linear):
         return state
 
 
-def concat_parameters(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def concat_parameters(linears: tuple[nn.Linear, ...], align: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights of `linears` stacked along the output, and their biases (zeros where a layer has
-    none; None when no layer has one); under autograd when a gradient is being recorded."""
-    weight = torch.cat([m.weight for m in linears])
+    none; None when no layer has one), with zero rows after them up to a multiple of `align`; under
+    autograd when a gradient is being recorded."""
+    rows = sum(m.out_features for m in linears)
+    pad = -rows % align
+    first = linears[0].weight
+    weight = torch.cat([m.weight for m in linears] + ([first.new_zeros(pad, first.shape[1])] if pad else []))
     if all(m.bias is None for m in linears):
         return weight, None
-    return weight, torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
+    biases = [first.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears]
+    return weight, torch.cat(biases + ([first.new_zeros(pad)] if pad else []))
 
 
 def packed_product(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> torch.Tensor | None:

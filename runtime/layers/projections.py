@@ -86,20 +86,10 @@ def project_groups(x: torch.Tensor, *groups: tuple[nn.Module, ...]) -> tuple[tor
     if out is None:
         stack = getattr(linears[0], "stack", None)
         if torch.is_grad_enabled() and len(linears) > 1 and all(type(m) is nn.Linear for m in linears):
-            out = _aligned_linear(x, *concat_parameters(linears))
+            out = F.linear(x, *concat_parameters(linears, TRAINING_ALIGN))
         elif stack is None or torch.is_grad_enabled() or not stack.serves(linears):
             return tuple(g[0](x) if len(g) == 1 else torch.cat([m(x) for m in g], -1) for g in groups)
         else:
             out = F.linear(x, stack.weight, stack.bias)
     sizes = [sum(m.out_features for m in group) for group in groups]
-    padding = out.shape[-1] - sum(sizes)
-    return out.split(sizes + [padding], -1)[: len(groups)] if padding else out.split(sizes, -1)
-
-
-def _aligned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` with `TRAINING_ALIGN`-padded output rows (zeros) left on the end."""
-    pad = -weight.shape[0] % TRAINING_ALIGN
-    if pad:
-        weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
-        bias = None if bias is None else torch.cat([bias, bias.new_zeros(pad)])
-    return F.linear(x, weight, bias)
+    return out.split([*sizes, out.shape[-1] - sum(sizes)], -1)[: len(groups)]  # padding columns dropped
