@@ -1,12 +1,13 @@
-"""A training step's forward and backward replayed from one CUDA graph.
+"""A training step — forward, backward and parameter update — replayed from one CUDA graph.
 
 Eagerly, a distillation step of a small student is bound by the host, not the device: the teacher's
 forward, fla's Python around every Gated DeltaNet layer and the backward of each launch thousands of
 small kernels. Every step runs the same shapes, so after a few eager steps (which also autotune the
-Triton kernels) the forward and backward are captured once, and each later step is one replay that
-leaves the gradients in the same tensors. The optimizer stays eager: a few fused launches, with an
-lr that changes every step. A batch of another shape, a forward that cannot be captured (one that
-syncs with the host) and a CPU device run eagerly: still correct, only slower.
+Triton kernels and create the optimizer's state) the step is captured once, and each later step is
+one replay. The update (clipping, the fused AdamW) is captured with it: it reads its lr from a
+device tensor (`device_lr`) that the loop rewrites before each step. A batch of another shape, a
+step that cannot be captured (one that syncs with the host) and a CPU device run eagerly: still
+correct, only slower.
 """
 
 from __future__ import annotations
@@ -27,21 +28,40 @@ def graphs_wanted(device: torch.device, world: int) -> bool:
     return device.type == "cuda" and world == 1 and os.environ.get("HYLA_TRAIN_GRAPHS", "1") != "0"
 
 
+def device_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Give each of `optimizer`'s param groups its lr as a one-element tensor on the parameters'
+    device, so that a captured update reads the value written before each replay (`set_lr`)."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def set_lr(group: dict, value: float) -> None:
+    """Set a param group's lr, in place when it is a tensor (`device_lr`)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value
+
+
 class TrainStep:
-    """`step(ids)`: the loss of `loss_fn(ids)`, its gradients left in the parameters' `.grad`.
+    """`step(ids)`: the loss of `loss_fn(ids)`, after its backward and `update()` (clipping and the
+    optimizer's step, with the gradients the backward left in the parameters' `.grad`).
 
     With `graphed`, the first `warmup` CUDA steps run eagerly on a side stream, the next is captured,
     and later ones of the same shape replay the capture; the returned loss is then the graph's own
-    tensor, overwritten by the next replay (read it, or copy it, before that)."""
+    tensor, overwritten by the next replay (read it, or copy it, before that). A captured `update`
+    must take its changing values (the lr) from device tensors."""
 
     def __init__(
         self,
         loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        update: Callable[[], None],
         params: Sequence[nn.Parameter],
         graphed: bool,
         warmup: int = 2,
     ) -> None:
-        self.loss_fn, self.params, self.warmup = loss_fn, list(params), warmup
+        self.loss_fn, self.update, self.params, self.warmup = loss_fn, update, list(params), warmup
         self.eager = not graphed
         self.eager_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -69,6 +89,7 @@ class TrainStep:
                 p.grad = None
         loss = self.loss_fn(ids)
         loss.backward()
+        self.update()
         return loss.detach()
 
     def _on_side_stream(self, ids: torch.Tensor) -> torch.Tensor:
@@ -90,6 +111,7 @@ class TrainStep:
             with torch.cuda.graph(graph):
                 static_loss = self.loss_fn(static_ids)
                 static_loss.backward()
+                self.update()
         except RuntimeError as exc:  # a host sync or an uncapturable op: stay eager, still correct
             torch.cuda.synchronize(ids.device)
             logger.warning("training eagerly: the step cannot be captured in a CUDA graph (%s)", exc)

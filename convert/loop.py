@@ -1,5 +1,5 @@
-"""The training loop every stage shares: AdamW (fused on CUDA), warmup + cosine lr, forward and
-backward replayed from a CUDA graph (`graphed.py`), progress (tqdm or plain log lines), loss curve,
+"""The training loop every stage shares: AdamW (fused on CUDA), warmup + cosine lr, the whole step
+(forward, backward, clipping, update) replayed from a CUDA graph (`graphed.py`), progress (tqdm or plain log lines), loss curve,
 and resumable checkpoints of the trained parameters and optimizer, written in the background while
 training goes on."""
 
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from hyla.convert.checkpoint_writer import BackgroundSaver
 from hyla.convert.data import BatchStream
 from hyla.convert.distributed import Dist
-from hyla.convert.graphed import TrainStep, graphs_wanted
+from hyla.convert.graphed import TrainStep, device_lr, graphs_wanted, set_lr
 from hyla.convert.students import autocast
 
 
@@ -62,9 +62,10 @@ class LoopSettings:
 
 
 def adamw(params: Iterable, device: torch.device, lr: float = 1e-3) -> torch.optim.AdamW:
-    """AdamW as every stage runs it (no weight decay, betas 0.9 / 0.95), one fused kernel on CUDA;
-    `params` may be parameter groups with their own lr."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=device.type == "cuda")
+    """AdamW as every stage runs it (no weight decay, betas 0.9 / 0.95), one fused kernel on CUDA,
+    where it can be captured in a CUDA graph; `params` may be parameter groups with their own lr."""
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=cuda, capturable=cuda)
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -85,7 +86,7 @@ def train_loop(
     clip: float | None = 1.0,
 ) -> StageResult:
     """Minimise `loss_fn(batch)` (under autocast) on `stream`'s batches for `run.steps` optimizer steps;
-    on one CUDA device its forward and backward replay a CUDA graph after the first steps.
+    on one CUDA device each step (clipping and update included) replays a CUDA graph after the first.
 
     With `run.checkpoint`, the trainable state, optimizer, curve and elapsed time are saved every
     `run.checkpoint_every` steps, and a rerun continues from the last one.
@@ -106,7 +107,15 @@ def train_loop(
         with autocast(dist.device):
             return loss_fn(ids)
 
-    train_step = TrainStep(forward, params, graphs_wanted(dist.device, dist.world))
+    def update() -> None:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+
+    graphed = graphs_wanted(dist.device, dist.world)
+    if graphed:
+        device_lr(optimizer)
+    train_step = TrainStep(forward, update, params, graphed)
     saver = BackgroundSaver()
     bar = tqdm(
         total=steps, initial=start, desc=name, unit="step", disable=quiet or not dist.is_main, file=sys.stderr,
@@ -139,11 +148,8 @@ def train_loop(
     try:
         for step in range(start, steps):
             for group, peak in zip(optimizer.param_groups, peaks):
-                group["lr"] = peak * lr_factor(step, steps, run.warmup)
+                set_lr(group, peak * lr_factor(step, steps, run.warmup))
             batch_loss = train_step(_to_device(stream(step), dist.device))
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
             if pending is not None:
                 record(*pending)
             pending = (step, _read_later(batch_loss))

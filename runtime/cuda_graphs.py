@@ -17,6 +17,7 @@ further padding sequences are empty).
 from __future__ import annotations
 
 import bisect
+import time
 from typing import TYPE_CHECKING, Hashable
 
 import torch
@@ -69,6 +70,8 @@ class CapturedSteps:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[Hashable, torch.Tensor] = {}
         self.memory_bytes = 0
+        self.seconds = 0.0
+        """How long `capture` took (warm-up forwards, kernel autotuning and compilation included)."""
         self.pool: object | None = None
         self.replays = 0
         """Steps run so far."""
@@ -81,7 +84,8 @@ class CapturedSteps:
     @fuse_always()
     def capture(self, pool: object | None = None) -> None:
         """Capture every key in order (largest first, so later graphs fit in the pool), in `pool`
-        when given; record the memory it took."""
+        when given; record the memory and time it took."""
+        began = time.perf_counter()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # as capturing does: only the graphs' own memory counts
         before = torch.cuda.memory_reserved(self.runner.device)
@@ -95,6 +99,7 @@ class CapturedSteps:
         torch.cuda.synchronize()
         self.pool = pool
         self.memory_bytes = torch.cuda.memory_reserved(self.runner.device) - before
+        self.seconds = time.perf_counter() - began
 
     def replay(self, key: Hashable, host: list[int], inputs: torch.Tensor) -> torch.Tensor:
         """Write `host` into the static `inputs` of `key`'s graph, replay it, return its output. Before

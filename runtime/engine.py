@@ -118,11 +118,12 @@ class LLMEngine:
     def _graphs_report(self) -> str:
         decode, chunks = self.runner.graphs, self.runner.chunk_graphs
         text = f"cuda graphs: decode batches {decode.buckets[0]}..{decode.buckets[-1]} ({len(decode.buckets)} sizes"
-        memory = decode.memory_bytes
+        memory, seconds = decode.memory_bytes, decode.seconds
         if chunks is not None:
             text += f"), chunks of up to {chunks.max_tokens} tokens ({len(chunks.keys)} shapes"
             memory += chunks.memory_bytes
-        return f"{text}; {fmt_bytes(memory)})"
+            seconds += chunks.seconds
+        return f"{text}; {fmt_bytes(memory)}, captured in {seconds:.1f} s)"
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:

@@ -12,6 +12,7 @@ from hyla.convert.kl import chunked_kl
 from hyla.convert.students import autocast, final_hidden, make_student
 from hyla.runtime.layers.gated_deltanet import l2_normalize
 from hyla.runtime.layers.linear_mixer import gated_rms_norm
+from hyla.runtime.layers.mlp import silu_mul
 from hyla.runtime.layers.norm import RMSNorm
 from hyla.runtime.ops import fla_modules, short_conv
 from tests.tiny_models import tiny_teacher
@@ -91,6 +92,19 @@ def test_qk_l2_norm_gated_output_norm_and_short_conv(seed: int, monkeypatch: pyt
 
     fused, plain = _fused_and_plain(mixer_parts, [q, o, gate, w, c, cw], monkeypatch)
     _close(fused, plain, 2e-2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_swiglu_on_the_halves_of_one_projection(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    (packed,) = _leaves(((3, 41, 2 * 1536), torch.bfloat16), seed=seed)
+
+    def gate_up(packed: torch.Tensor) -> torch.Tensor:
+        assert fla_modules.applies(packed) == (os.environ["HYLA_FLA_MODULES"] == "1")
+        gate, up = packed.split(1536, dim=-1)  # strided views, as a stacked gate/up projection gives
+        return silu_mul(gate, up)
+
+    fused, plain = _fused_and_plain(gate_up, [packed], monkeypatch)
+    _close(fused, plain, 1e-2)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -10,7 +10,7 @@ from transformers.activations import ACT2FN
 from hyla.runtime.config import HybridConfig
 from hyla.runtime.layers.projections import project
 from hyla.runtime.layers.fusion import fused
-from hyla.runtime.ops import cpu_kernels
+from hyla.runtime.ops import cpu_kernels, fla_modules
 
 
 class GatedMLP(nn.Module):
@@ -42,6 +42,6 @@ class GatedMLP(nn.Module):
         return silu_mul(gate, up)
 
 
-@fused
+@fused(training=fla_modules.swiglu)
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up

@@ -1,5 +1,5 @@
 """fla-core's fused Triton modules for training on CUDA: RMSNorm (with its residual add), the L2
-norm of q/k, the gated output norm, the causal short conv and the LM-head KL.
+norm of q/k, the gated output norm, the MLP's SiLU gate, the causal short conv and the LM-head KL.
 
 Written as plain PyTorch, each of these is a chain of elementwise kernels over fp32 copies of the
 activations, forward and backward; in a distillation step of a 135M student they took more device
@@ -49,6 +49,13 @@ def gated_rms_norm(o: Tensor, weight: Tensor, eps: float, gate: Tensor) -> Tenso
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
     return rms_norm_gated(o, gate, weight, None, activation="swish", eps=eps)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """SiLU(gate) · up, in one kernel forward and one backward (strided rows read in place)."""
+    from fla.modules.activations import swiglu as fla_swiglu
+
+    return fla_swiglu(gate, up)
 
 
 def short_conv(x: Tensor, weight: Tensor, activation: str | None) -> Tensor:
