@@ -202,7 +202,7 @@ class ModelRunner:
 
     def _packed(self, work: list[ChunkWork]) -> tuple[torch.Tensor, list[int], list[list[int]]]:
         """Packed forward of every chunk (a chunk graph's replay when one fits, else eager); logits of
-        each chunk's last row and its log-prob rows only."""
+        each drawing chunk's last row and of every chunk's log-prob rows only."""
         chunks = [w.chunk for w in work]
         tokens, positions, offsets = [], [], [0]
         for c in chunks:
@@ -217,7 +217,8 @@ class ModelRunner:
         rows, last_rows, row_of = [], [], []
         for w, start in zip(work, offsets):
             last_rows.append(len(rows))
-            rows.append(start + w.chunk.num_tokens - 1)
+            if w.draws:  # without draws only log-prob rows: lm-eval's are then every row, in order
+                rows.append(start + w.chunk.num_tokens - 1)
             row_of.append([len(rows) + i for i in range(len(w.logprob_rows))])
             rows += [start + r for r in w.logprob_rows]
         return self.model.lm_head(hidden[self.to_device(rows)]), last_rows, row_of

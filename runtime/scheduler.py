@@ -107,17 +107,18 @@ class Scheduler:
             return out
         j = 0
         leaders = [r for r in self.running if self._leads(r)]
+        reserved = len(self.running) + sum(len(s.spare_slots) for s in self.running)  # slots held
         while j < len(self.waiting) and budget:
             seq = self.waiting[j]
             if leaders and self._awaits_leader(seq, leaders):
                 j += 1
                 continue
-            reserved = len(self.running) + sum(len(s.spare_slots) for s in self.running)
             hit = self.cache.lookup(seq, self.waiting[j + 1 : j + 1 + PEER_WINDOW])
             n = self.cache.chunk_size(seq, hit.position, min(seq.num_tokens - hit.position, budget))
             if reserved + seq.slots_needed > self.max_num_seqs or not self.cache.can_admit(seq, n, hit):
                 break
             self.waiting.pop(j)
+            reserved += seq.slots_needed
             out.block_copies += self.cache.admit(seq, n, hit)
             if hit.point is not None and hit.point.row is not None:
                 out.state_copies.append((hit.point.row, seq.slot))

@@ -179,6 +179,22 @@ def test_prompt_logprobs_match_hf_forward(models) -> None:
                 assert abs(entry[tid][0] - lp) <= 1e-4 and (tid == token or entry[tid][1] == r)
 
 
+def test_scoring_only_steps_run_the_lm_head_on_scored_rows_alone(models) -> None:
+    """lm-eval's requests draw nothing: the head computes exactly the rows they score, in order."""
+    eng = engine(models["hybrid"], max_num_batched_tokens=64)
+    rows = []
+    hook = eng.model.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    try:
+        ps = prompts((30, 9, 50), seed=8)
+        params = [SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_from=len(p) // 2) for p in ps]
+        outs = eng.generate(ps, params)
+    finally:
+        hook.remove()
+    scored = sum(len(p) - max(len(p) // 2, 1) for p in ps)
+    assert sum(rows) == scored
+    assert all(sum(e is not None for e in o.prompt_logprobs) == len(p) - max(len(p) // 2, 1) for o, p in zip(outs, ps))
+
+
 def test_generated_logprobs(models) -> None:
     out = engine(models["teacher"]).generate([[4, 5, 6]], SamplingParams(max_tokens=5, temperature=0, logprobs=2))[0]
     comp = out.outputs[0]
