@@ -49,3 +49,20 @@ def test_cpu_prefill_attention_benchmark_times_every_case(tmp_path: Path) -> Non
     rows = json.loads(out.read_text())
     assert len(rows) == 6 and all(r["ms"] > 0 and r["gflop_s"] > 0 for r in rows)
     assert "| 8 | 64 | 1347 |" in done.stdout
+
+
+def test_prefix_eval_benchmark_compares_caching_on_and_off(tmp_path: Path) -> None:
+    from tests.tiny_models import tiny_teacher_dir
+
+    model = tiny_teacher_dir(tmp_path / "tiny")
+    out = tmp_path / "prefix_eval.json"
+    cmd = [sys.executable, str(BENCHMARKS / "prefix_eval.py"), str(model), "--limit", "12", "--repeats", "1",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "off / on (medians):" in done.stdout and "scores identical in every run: hellaswag/acc " in done.stdout
+    report = json.loads(out.read_text())
+    on, off = report["runs"]
+    assert (on["caching"], off["caching"]) == ("on", "off") and report["scores_identical"]
+    assert 0 < on["computed_tokens"] < off["computed_tokens"]  # a context is computed once for its endings
+    assert all(r["wall_s"] >= r["imports_s"] + r["load_s"] + r["tasks_s"] and r["steps"] > 0 for r in (on, off))
