@@ -1,7 +1,7 @@
 """The training loop every stage shares: AdamW (fused on CUDA), warmup + cosine lr, the whole step
-(forward, backward, clipping, update) replayed from a CUDA graph (`graphed.py`), progress (tqdm or plain log lines), loss curve,
-and resumable checkpoints of the trained parameters and optimizer, written in the background while
-training goes on."""
+(forward, backward, clipping, update) replayed from a CUDA graph (`graphed.py`), progress (tqdm or
+plain log lines), loss curve, and resumable checkpoints of the trained parameters and optimizer,
+written in the background while training goes on."""
 
 from __future__ import annotations
 
