@@ -173,8 +173,10 @@ class OpenAITarget:
                         result.prompt_tokens = event["usage"].get("prompt_tokens", 0)
                         details = event["usage"].get("prompt_tokens_details") or {}
                         result.cached_tokens = details.get("cached_tokens") or 0
-                    result.text += "".join(c.get("text") or "" for c in event.get("choices") or [])
-                    if any(c.get("text") for c in event.get("choices") or []):
+                    choices = event.get("choices") or []
+                    result.text += "".join(c.get("text") or "" for c in choices)
+                    # a streamed token whose text is held back (part of a character) still arrives
+                    if any(c.get("text") or c.get("finish_reason") is None for c in choices):
                         now = time.perf_counter()
                         if result.ttft is None:
                             result.ttft = now - result.start

@@ -103,6 +103,8 @@ class LLMEngine:
         self.capacity_report = plan.report()
         if self.runner.graphs is not None:
             self.capacity_report += "\n" + self._graphs_report()
+        if self.runner.warm_up_seconds:
+            self.capacity_report += f"\neager prefill kernels warmed up in {self.runner.warm_up_seconds:.1f} s"
         logger.info("%s", self.capacity_report)
         self.outputs = OutputProcessor(self._eos_ids(), self.max_model_len)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else device.type == "cuda"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,7 @@ class ModelRunner:
             if graph_safe and plan.max_model_len >= CHUNK_MAX_LEN:  # scratch sequences need as many positions
                 self.chunk_graphs = ChunkGraphs(self, max_num_seqs, max_num_batched_tokens)
                 self.chunk_graphs.capture(self.graphs.pool)
+        self.warm_up_seconds = self._warm_up(max_num_batched_tokens) if self.device.type == "cuda" else 0.0
 
     # ---- input preparation ----------------------------------------------------------------------
 
@@ -262,16 +264,33 @@ class ModelRunner:
 
     def _eager(self, chunks: list[ScheduledChunk], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Final hidden states `[len(tokens), hidden]` of the packed chunks, run eagerly."""
-        n, t = len(chunks), len(tokens)
-        host = (tokens + positions + [c.seq.slot for c in chunks] + [c.end for c in chunks]
-                + [c.num_tokens for c in chunks])
-        ids, pos, slots, lens, qlens = self.to_device(host).split([t, t, n, n, n])
+        return self._run_eager(
+            tokens, positions, [c.seq.slot for c in chunks], [c.end for c in chunks], [c.num_tokens for c in chunks]
+        )
+
+    def _run_eager(
+        self, tokens: list[int], positions: list[int], slots: list[int], ends: list[int], lengths: list[int]
+    ) -> torch.Tensor:
+        """Final hidden states of packed chunks given per token (ids, positions) and per chunk (state
+        slot, context length after it, its length)."""
+        n, t = len(slots), len(tokens)
+        ids, pos, slot, lens, qlens = self.to_device(tokens + positions + slots + ends + lengths).split([t, t, n, n, n])
         if min(tokens) < 0:  # placeholders of tokens still on the device
             ids = self.resolve_ids(ids)
-        meta = self.metadata(
-            ids, pos, slots, lens, qlens, max(c.num_tokens for c in chunks), max(c.end for c in chunks)
-        )
+        meta = self.metadata(ids, pos, slot, lens, qlens, max(lengths), max(ends))
         return self.model.model(ids[None], PagedContext(meta, self.kv, self.states))[0]
+
+    @torch.inference_mode()
+    def _warm_up(self, max_num_batched_tokens: int) -> float:
+        """Run one eager step of two scratch prompts longer than `CHUNK_MAX_LEN` (on the scratch slot and
+        block), so that the chunked linear-attention and prefill kernels that neither graph covers are
+        compiled and autotuned now: on a cold Triton cache that took tens of seconds, paid before by the
+        first long prompt. Returns the seconds it took."""
+        began = time.perf_counter()
+        length = min(self.max_model_len, max(2 * CHUNK_MAX_LEN, max_num_batched_tokens // 2))
+        self._run_eager([0] * 2 * length, list(range(length)) * 2, [self.pad_slot] * 2, [length] * 2, [length] * 2)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - began
 
     def _draw(
         self, work: list[ChunkWork], logits: torch.Tensor, last_rows: list[int], row_of: list[list[int]]

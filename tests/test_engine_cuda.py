@@ -143,3 +143,23 @@ def test_chunk_graph_replay_matches_eager_cuda(models, kind, monkeypatch) -> Non
     assert got == want
     _, plain_lp = outputs(plain)
     assert torch.allclose(got_lp, plain_lp, atol=0.05)
+
+
+def test_start_up_runs_the_chunked_linear_kernels_cuda(models, monkeypatch) -> None:
+    """Start-up runs fla's chunked Gated DeltaNet (compiled and autotuned then, not in the first long
+    prompt's time to first token), on the scratch slot: the engine's output is unchanged."""
+    import fla.ops.gated_delta_rule as gdn_ops
+
+    calls = []
+    chunked = gdn_ops.chunk_gated_delta_rule
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("cu_seqlens"))
+        return chunked(*args, **kwargs)
+
+    monkeypatch.setattr(gdn_ops, "chunk_gated_delta_rule", counted)
+    eng = run(models["hybrid"], enforce_eager=True)
+    assert len(calls) == HYBRID_TYPES.count("gdn") and all(c is not None and len(c) == 3 for c in calls)
+    assert eng.runner.warm_up_seconds > 0 and "warmed up" in eng.capacity_report
+    ps = prompts()
+    assert greedy_ids(eng, ps) == [hf_greedy(models["hybrid"], p) for p in ps]

@@ -21,10 +21,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_teacher_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir: Path):
+def _serve(model_dir: Path):
     """`hyla serve` on ephemeral HTTP and gRPC ports; yields (http base URL, grpc target)."""
-    cmd = [sys.executable, "-m", "hyla", "serve", str(tiny_dir), "--port", "0", "--grpc-port", "0", "--quiet"]
+    cmd = [sys.executable, "-m", "hyla", "serve", str(model_dir), "--port", "0", "--grpc-port", "0", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     http = grpc = None
     deadline = time.monotonic() + 180
@@ -44,6 +43,11 @@ def server(tiny_dir: Path):
     yield http, grpc
     proc.terminate()
     proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path):
+    yield from _serve(tiny_dir)
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,24 @@ def test_bench_serve_wrong_url_fails_fast(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "cannot reach http://127.0.0.1:9" in result.output
     assert time.monotonic() - start < 20 and not (tmp_path / "results.json").exists()
+
+
+def test_bench_serve_counts_tokens_whose_text_is_empty(tmp_path: Path) -> None:
+    """A model that only ever draws a special token (its final norm zeroed: every logit 0, token 0 is
+    `<|endoftext|>`) streams chunks of empty text: each is a token, timed, and no request is an error."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_teacher_dir(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(model_dir)
+    for http, grpc in _serve(model_dir):
+        for front, target in (("url", http), ("grpc", grpc)):
+            result = _bench(f"--{front}", target, "--concurrency", "2", "--num-requests", "4", "--warmup", "0",
+                            "--len-spread", "0", "--out", str(tmp_path / front))
+            assert result.exit_code == 0, result.output
+            run = json.loads((tmp_path / front / "results.json").read_text())["runs"][0]
+            assert run["errors"] == {} and run["completed"] == 4, front
+            assert run["output_tokens"] == 4 * 8 and run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["p50"] is not None
