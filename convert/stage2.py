@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from hyla.convert.data import BatchStream
 from hyla.convert.kl import chunked_kl
 from hyla.convert.loop import LoopSettings, StageResult, adamw, train_loop
-from hyla.convert.students import final_hidden
+from hyla.convert.students import final_hidden, teacher_forward
 from hyla.runtime.model import HybridForCausalLM
 
 
@@ -55,10 +55,9 @@ def run_stage2(
     distiller = Distiller(student, teacher.lm_head.weight.detach(), chunk)
     wrapped = run.dist.wrap(distiller)
     optimizer = adamw(param_groups(student, lr_mixer, lr_rest), run.dist.device)
+    teacher_hidden = teacher_forward(teacher, run.dist.device)
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_hidden = final_hidden(teacher, ids)
-        return wrapped(ids, teacher_hidden)
+        return wrapped(ids, teacher_hidden(ids))
 
     return train_loop(name, student, optimizer, loss, stream, run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,6 +14,7 @@ from transformers import PreTrainedModel
 from hyla.convert.transfer import hybrid_from_teacher
 from hyla.runtime.context import DenseContext
 from hyla.runtime.model import HybridForCausalLM
+from hyla.runtime.ops import fla_modules
 
 
 def layer_types(num_layers: int, softmax: list[int] | set[int], linear: str) -> list[str]:
@@ -32,6 +34,27 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tenso
     if isinstance(model, HybridForCausalLM):
         return model.model(input_ids, _dense_context(input_ids))
     return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def teacher_forward(teacher: PreTrainedModel, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`ids -> final hidden states` of `teacher` without autograd. Where fla's fused modules train
+    (CUDA), the teacher runs as an all-softmax hybrid of its own weights on them (its RMSNorms with
+    their residual adds and its SwiGLUs one kernel each), else as itself."""
+    probe = torch.empty(0, device=device)
+    with torch.enable_grad():
+        fused = fla_modules.applies(probe)
+    if not fused or isinstance(teacher, HybridForCausalLM):
+        model, context = teacher, contextlib.nullcontext
+    else:
+        types = ["attention"] * teacher.config.num_hidden_layers
+        model = hybrid_from_teacher(teacher, types).to(device).eval().requires_grad_(False)
+        context = fla_modules.forward_only
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), context():
+            return final_hidden(model, input_ids)
+
+    return forward
 
 
 def _dense_context(input_ids: torch.Tensor) -> DenseContext:

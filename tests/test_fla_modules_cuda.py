@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hyla.convert.kl import chunked_kl
-from hyla.convert.students import autocast, final_hidden, make_student
+from hyla.convert.students import autocast, final_hidden, make_student, teacher_forward
 from hyla.runtime.layers.gated_deltanet import l2_normalize
 from hyla.runtime.layers.linear_mixer import gated_rms_norm
 from hyla.runtime.layers.mlp import silu_mul
@@ -142,3 +142,22 @@ def test_a_distillation_step_of_a_hybrid_student(monkeypatch: pytest.MonkeyPatch
     _close(runs[0][:1], runs[1][:1], 1e-2)
     _close([torch.cat([g.flatten() for g in runs[0][1:]])], [torch.cat([g.flatten() for g in runs[1][1:]])], 3e-2)
     _close(runs[0][1:], runs[1][1:], 0.1)  # bf16 rounding differs; a wrong formula is off by ~100%
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_teacher_forward_on_the_fused_modules(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 2's teacher forward (an all-softmax hybrid of its weights, fused RMSNorm and SwiGLU
+    without autograd) against the HF teacher itself, under bf16 autocast, on fresh random weights and ids."""
+    torch.manual_seed(seed)
+    teacher = tiny_teacher("llama", 3, seed, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=64).to(DEV)
+    ids = torch.randint(0, 128, (2, 90), device=DEV, generator=torch.Generator(DEV).manual_seed(seed))
+    calls = []
+    rms_norm = fla_modules.rms_norm
+    monkeypatch.setattr(fla_modules, "rms_norm", lambda *a, **k: calls.append(1) or rms_norm(*a, **k))
+    with autocast(DEV):
+        fused = teacher_forward(teacher, DEV)(ids)
+        with torch.no_grad():
+            plain = final_hidden(teacher, ids)
+    assert len(calls) >= 3 and not fused.requires_grad  # the residual adds took the fused norm
+    _close([fused.float()], [plain.float()], 2e-2)

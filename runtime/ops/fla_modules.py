@@ -4,23 +4,41 @@ norm of q/k, the gated output norm, the MLP's SiLU gate, the causal short conv a
 Written as plain PyTorch, each of these is a chain of elementwise kernels over fp32 copies of the
 activations, forward and backward; in a distillation step of a 135M student they took more device
 time than the matmuls. `applies(x)` says when the fused forms run: on a CUDA tensor, with autograd
-recording, where fla's chunked kernels can train (`fla_backend.trains`), so that a GPU which trains
-on the PyTorch reference does so throughout. The plain functions stay the reference the GPU tests
+recording (or inside `forward_only()`: a distillation teacher's forward), where fla's chunked kernels
+can train (`fla_backend.trains`), so that a GPU which trains on the PyTorch reference does so throughout. The plain functions stay the reference the GPU tests
 compare against; `HYLA_FLA_MODULES=0` keeps them on. Inference never takes these (it has its own
 compiled and graphed paths).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 
+_forward_only: ContextVar[bool] = ContextVar("hyla_fla_forward_only", default=False)
+
+
+@contextlib.contextmanager
+def forward_only() -> Iterator[None]:
+    """Take the fused modules without autograd too (a training step's teacher forward)."""
+    token = _forward_only.set(True)
+    try:
+        yield
+    finally:
+        _forward_only.reset(token)
+
 
 def applies(x: Tensor) -> bool:
-    """Whether `x`'s forward should take fla's fused modules (CUDA, autograd on, fla trains here)."""
-    if not (x.is_cuda and torch.is_grad_enabled()) or os.environ.get("HYLA_FLA_MODULES", "1") == "0":
+    """Whether `x`'s forward should take fla's fused modules (CUDA, autograd on or `forward_only`,
+    fla trains here)."""
+    if not x.is_cuda or not (torch.is_grad_enabled() or _forward_only.get()):
+        return False
+    if os.environ.get("HYLA_FLA_MODULES", "1") == "0":
         return False
     from . import fla_backend
 
