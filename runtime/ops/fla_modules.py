@@ -5,9 +5,10 @@ Written as plain PyTorch, each of these is a chain of elementwise kernels over f
 activations, forward and backward; in a distillation step of a 135M student they took more device
 time than the matmuls. `applies(x)` says when the fused forms run: on a CUDA tensor, with autograd
 recording (or inside `forward_only()`: a distillation teacher's forward), where fla's chunked kernels
-can train (`fla_backend.trains`), so that a GPU which trains on the PyTorch reference does so throughout. The plain functions stay the reference the GPU tests
-compare against; `HYLA_FLA_MODULES=0` keeps them on. Inference never takes these (it has its own
-compiled and graphed paths).
+can train (`fla_backend.trains`), so that a GPU which trains on the PyTorch reference does so
+throughout. The plain functions stay the reference the GPU tests compare against;
+`HYLA_FLA_MODULES=0` keeps them on. Inference never takes these (it has its own compiled and graphed
+paths).
 """
 
 from __future__ import annotations
