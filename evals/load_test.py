@@ -70,6 +70,25 @@ class RequestResult:
     error: str | None = None
     detail: str = ""
     """The server's message for a failed request (an OpenAI error object's `message`, a gRPC status's details)."""
+    last: float = field(default=0.0, repr=False)
+    """When the latest token-carrying event arrived."""
+
+    def arrived(self) -> None:
+        """A streamed event carrying new tokens: the first sets the time to first token, each later one
+        adds its gap to the inter-token latencies."""
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.start
+        else:
+            self.itl.append(now - self.last)
+        self.last = now
+
+    def finish(self) -> RequestResult:
+        """A stream that ended without an error: its latency, and whether any token came."""
+        self.latency = time.perf_counter() - self.start
+        self.ok = self.ttft is not None
+        self.error = None if self.ok else "empty_response"
+        return self
 
 
 def synthetic_prompts(workload: Workload, count: int) -> tuple[str, list[list[tuple[str, int]]]]:
@@ -156,8 +175,6 @@ class OpenAITarget:
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
         }
         result = RequestResult(ok=False, start=time.perf_counter())
-        last = result.start
-        chunks = 0
         try:
             async with self.client.stream("POST", "/v1/completions", json=body) as reply:
                 if reply.status_code != 200:
@@ -177,23 +194,16 @@ class OpenAITarget:
                     result.text += "".join(c.get("text") or "" for c in choices)
                     # a streamed token whose text is held back (part of a character) still arrives
                     if any(c.get("text") or c.get("finish_reason") is None for c in choices):
-                        now = time.perf_counter()
-                        if result.ttft is None:
-                            result.ttft = now - result.start
-                        else:
-                            result.itl.append(now - last)
-                        last, chunks = now, chunks + 1
+                        result.arrived()
         except httpx.TimeoutException:
             result.error = "timeout"
             return result
         except httpx.HTTPError as exc:
             result.error = type(exc).__name__
             return result
-        result.output_tokens = result.output_tokens or chunks
-        result.latency = time.perf_counter() - result.start
-        result.ok = result.ttft is not None
-        result.error = None if result.ok else "empty_response"
-        return result
+        events = 0 if result.ttft is None else len(result.itl) + 1
+        result.output_tokens = result.output_tokens or events
+        return result.finish()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -249,7 +259,6 @@ class GrpcTarget:
             text=prompt, sampling=pb.SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         )
         result = RequestResult(ok=False, start=time.perf_counter())
-        last = result.start
         try:
             async for message in self.stub.GenerateStream(request, metadata=self.metadata, timeout=self.timeout):
                 new = sum(len(c.token_ids) for c in message.completions)
@@ -258,20 +267,12 @@ class GrpcTarget:
                     result.prompt_tokens = message.usage.prompt_tokens
                     result.cached_tokens = message.usage.prompt_tokens_details.cached_tokens
                 if new:
-                    now = time.perf_counter()
-                    if result.ttft is None:
-                        result.ttft = now - result.start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
+                    result.arrived()
                     result.output_tokens += new
         except grpc.RpcError as exc:
             result.error, result.detail = f"grpc_{exc.code().name.lower()}", exc.details() or ""
             return result
-        result.latency = time.perf_counter() - result.start
-        result.ok = result.ttft is not None
-        result.error = None if result.ok else "empty_response"
-        return result
+        return result.finish()
 
     async def close(self) -> None:
         await self.channel.close()
