@@ -40,10 +40,7 @@ def teacher_forward(teacher: PreTrainedModel, device: torch.device) -> Callable[
     """`ids -> final hidden states` of `teacher` without autograd. Where fla's fused modules train
     (CUDA), the teacher runs as an all-softmax hybrid of its own weights on them (its RMSNorms with
     their residual adds and its SwiGLUs one kernel each), else as itself."""
-    probe = torch.empty(0, device=device)
-    with torch.enable_grad():
-        fused = fla_modules.applies(probe)
-    if not fused or isinstance(teacher, HybridForCausalLM):
+    if not fla_modules.trains_on(device) or isinstance(teacher, HybridForCausalLM):
         model, context = teacher, contextlib.nullcontext
     else:
         types = ["attention"] * teacher.config.num_hidden_layers

@@ -35,15 +35,18 @@ def forward_only() -> Iterator[None]:
 
 
 def applies(x: Tensor) -> bool:
-    """Whether `x`'s forward should take fla's fused modules (CUDA, autograd on or `forward_only`,
-    fla trains here)."""
-    if not x.is_cuda or not (torch.is_grad_enabled() or _forward_only.get()):
-        return False
-    if os.environ.get("HYLA_FLA_MODULES", "1") == "0":
+    """Whether `x`'s forward should take fla's fused modules (autograd on or `forward_only`, and
+    `trains_on(x.device)`)."""
+    return (torch.is_grad_enabled() or _forward_only.get()) and trains_on(x.device)
+
+
+def trains_on(device: torch.device) -> bool:
+    """Whether training on `device` takes the fused modules (CUDA, fla trains there, not turned off)."""
+    if device.type != "cuda" or os.environ.get("HYLA_FLA_MODULES", "1") == "0":
         return False
     from . import fla_backend
 
-    return fla_backend.trains("gdn", x.device)
+    return fla_backend.trains("gdn", device)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
