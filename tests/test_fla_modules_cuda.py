@@ -75,6 +75,24 @@ def test_rms_norm_with_and_without_the_residual_add(seed: int, monkeypatch: pyte
     _close(fused, plain, 1e-2)
 
 
+@pytest.mark.parametrize("width", [64, 576, 2048])
+def test_rms_norm_weight_gradient(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The norm's weight gradient (summed over row blocks by our backward) and the input's, fused
+    against plain, at widths under, between and over fla's own kernels' split, rows not a block multiple."""
+    x, a = _leaves(((5, 203, width), torch.float32), ((5, 203, width), torch.bfloat16), seed=width)
+    grads = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("HYLA_FLA_MODULES", switch)
+        norm = RMSNorm(width, 1e-5).to(DEV)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=torch.Generator(DEV).manual_seed(width))
+        xs, as_ = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+        summed, y = norm.add_forward(xs, as_)
+        (y.float().square().sum() + summed.float().sum()).backward()
+        grads.append([norm.weight.grad, xs.grad.float(), as_.grad.float()])
+    _close(*grads, 1e-2)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_qk_l2_norm_gated_output_norm_and_short_conv(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     q, o, gate, w, c, cw = _leaves(

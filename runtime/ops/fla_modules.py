@@ -1,5 +1,6 @@
-"""fla-core's fused Triton modules for training on CUDA: RMSNorm (with its residual add), the L2
-norm of q/k, the gated output norm, the MLP's SiLU gate, the causal short conv and the LM-head KL.
+"""fla-core's fused Triton modules for training on CUDA: RMSNorm (with its residual add; our own
+backward), the L2 norm of q/k, the gated output norm, the MLP's SiLU gate, the causal short conv and
+the LM-head KL.
 
 Written as plain PyTorch, each of these is a chain of elementwise kernels over fp32 copies of the
 activations, forward and backward; in a distillation step of a 135M student they took more device
@@ -50,12 +51,13 @@ def trains_on(device: torch.device) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """RMSNorm(x) · weight; with `residual`, (x + residual, RMSNorm(x + residual) · weight)."""
-    from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+    """RMSNorm(x) · weight; with `residual`, (x + residual, RMSNorm(x + residual) · weight). fla's
+    forward kernel, our backward (see `rms_norm_train`)."""
+    from .rms_norm_train import RMSNormFunction
 
     if residual is None:
-        return fla_rms_norm(x, weight, None, eps=eps)
-    y, summed = fla_rms_norm(x, weight, None, residual=residual, eps=eps, prenorm=True)
+        return RMSNormFunction.apply(x, weight, None, eps)
+    y, summed = RMSNormFunction.apply(x, weight, residual, eps)
     return summed, y
 
 
