@@ -55,8 +55,8 @@ def teacher_forward(teacher: PreTrainedModel, device: torch.device) -> Callable[
 
 
 def _dense_context(input_ids: torch.Tensor) -> DenseContext:
-    b, t = input_ids.shape
-    return DenseContext(torch.arange(t, device=input_ids.device).expand(b, t))
+    """Positions 0…T-1, one row shared by the batch (so RoPE's tables are computed once)."""
+    return DenseContext(torch.arange(input_ids.shape[1], device=input_ids.device)[None])
 
 
 def layer_inputs(model: HybridForCausalLM, input_ids: torch.Tensor) -> list[torch.Tensor]:

@@ -14,6 +14,8 @@ from hyla.runtime.layers.gated_deltanet import l2_normalize
 from hyla.runtime.layers.linear_mixer import gated_rms_norm
 from hyla.runtime.layers.mlp import silu_mul
 from hyla.runtime.layers.norm import RMSNorm
+from hyla.runtime.layers.rotary import RotaryEmbedding, apply_rotary
+from hyla.runtime.bench_models import shape_config
 from hyla.runtime.ops import fla_modules, short_conv
 from tests.tiny_models import tiny_teacher
 
@@ -91,6 +93,31 @@ def test_rms_norm_weight_gradient(width: int, monkeypatch: pytest.MonkeyPatch) -
         (y.float().square().sum() + summed.float().sum()).backward()
         grads.append([norm.weight.grad, xs.grad.float(), as_.grad.float()])
     _close(*grads, 1e-2)
+
+
+@pytest.mark.parametrize("shape", ["smollm2-135m", "llama-3.2-1b"])
+def test_rotary_on_positions_shared_by_the_batch(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RoPE (default and llama3-scaled tables) on q/k views of one projection, fused against plain;
+    tables of per-row positions keep the plain form."""
+    config = shape_config(shape)
+    rope = RotaryEmbedding(config).to(DEV)
+    d, h = config.head_dim, 5
+    (qk,) = _leaves(((3, 77, 2 * h * d), torch.bfloat16), seed=d)
+    cos, sin = rope.cos_sin(torch.arange(77, device=DEV)[None] + 1000, torch.bfloat16)
+
+    def both(qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = qk.view(3, 77, 2 * h, d).split(h, dim=2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    fused, plain = _fused_and_plain(both, [qk], monkeypatch)
+    _close(fused, plain, 1e-2)
+    calls = []
+    monkeypatch.setattr(fla_modules, "rotary", lambda *a: calls.append(1))
+    monkeypatch.setenv("HYLA_FLA_MODULES", "1")
+    per_row = cos.expand(3, 77, d).contiguous(), sin.expand(3, 77, d).contiguous()
+    q = qk.view(3, 77, 2 * h, d)[:, :, :h]
+    _close([apply_rotary(q, *per_row).float()], [apply_rotary.plain(q, cos, sin).float()], 1e-6)
+    assert calls == []
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -47,8 +47,8 @@ class SoftmaxAttention(nn.Module):
         cos, sin = ctx.rope
         if cpu_kernels.usable(q, k, cos, sin):  # in place, one op (`view` refuses to copy)
             d = self.head_dim
-            cpu_kernels.rotary_(q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d),
-                                cos.view(-1, d), sin.view(-1, d))
+            cos, sin = (c.expand(b, t, d).reshape(-1, d) for c in (cos, sin))  # tables may be shared by the batch
+            cpu_kernels.rotary_(q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d), cos, sin)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = ctx.attend(self.layer_idx, q, k, v)

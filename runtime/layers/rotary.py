@@ -7,6 +7,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hyla.runtime.layers.fusion import fused
+from hyla.runtime.ops import fla_modules
 
 from hyla.runtime.config import HybridConfig
 
@@ -46,7 +47,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-@fused
+def _training_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """fla's one-kernel rotation where every row of a batch has the same positions (cos/sin `[1, T, D]`,
+    as a training batch has), else the plain form."""
+    if x.dim() == 4 and cos.dim() == 3 and cos.shape[:2] == (1, x.shape[1]):
+        half = cos.shape[-1] // 2
+        return fla_modules.rotary(x, cos[0, :, :half], sin[0, :, :half])
+    return apply_rotary.plain(x, cos, sin)
+
+
+@fused(training=_training_rotary)
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[..., T, H, D]` with cos/sin `[..., T, D]`."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)

@@ -1,6 +1,6 @@
 """fla-core's fused Triton modules for training on CUDA: RMSNorm (with its residual add; our own
-backward), the L2 norm of q/k, the gated output norm, the MLP's SiLU gate, the causal short conv and
-the LM-head KL.
+backward), the L2 norm of q/k, the rotary embedding, the gated output norm, the MLP's SiLU gate, the
+causal short conv and the LM-head KL.
 
 Written as plain PyTorch, each of these is a chain of elementwise kernels over fp32 copies of the
 activations, forward and backward; in a distillation step of a 135M student they took more device
@@ -80,6 +80,14 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     from fla.modules.activations import swiglu as fla_swiglu
 
     return fla_swiglu(gate, up)
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`x` `[B, T, H, D]`, its token t of every row rotated by row t of `cos`, `sin` `[T, D/2]` (halves
+    rotated together), in one kernel forward and one backward."""
+    from fla.modules.rotary import rotary_embedding
+
+    return rotary_embedding(x, cos, sin)
 
 
 def short_conv(x: Tensor, weight: Tensor, activation: str | None) -> Tensor:
