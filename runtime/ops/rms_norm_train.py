@@ -53,10 +53,11 @@ def rms_norm_backward(
     dx = torch.empty_like(x)
     dw_part = torch.empty(blocks, d, dtype=torch.float32, device=x.device)
     if t:
-        _rms_norm_bwd_kernel[(blocks,)](
-            x, weight, dy, dres if dres is not None else dy, rstd, dx, dw_part, t,
-            D=d, BD=bd, BT=bt, HAS_DRES=dres is not None, num_warps=8 if bd >= 1024 else 4,
-        )
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            _rms_norm_bwd_kernel[(blocks,)](
+                x, weight, dy, dres if dres is not None else dy, rstd, dx, dw_part, t,
+                D=d, BD=bd, BT=bt, HAS_DRES=dres is not None, num_warps=8 if bd >= 1024 else 4,
+            )
     return dx, dw_part.sum(0).to(weight.dtype)
 
 
@@ -71,7 +72,8 @@ class RMSNormFunction(torch.autograd.Function):
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).contiguous()
         res = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
-        y, _, rstd, summed = layer_norm_fwd(rows, weight, None, eps, residual=res, is_rms_norm=True)
+        with torch.cuda.device(x.device):
+            y, _, rstd, summed = layer_norm_fwd(rows, weight, None, eps, residual=res, is_rms_norm=True)
         ctx.save_for_backward(summed if summed is not None else rows, weight, rstd)
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         if residual is None:
