@@ -49,10 +49,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _training_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """fla's one-kernel rotation where every row of a batch has the same positions (cos/sin `[1, T, D]`,
-    as a training batch has), else the plain form."""
+    as a training batch has), else the plain form. The tables take `x`'s dtype (fp32 tables, bf16 q/k
+    under autocast), as transformers' Llama does."""
     if x.dim() == 4 and cos.dim() == 3 and cos.shape[:2] == (1, x.shape[1]):
         half = cos.shape[-1] // 2
-        return fla_modules.rotary(x, cos[0, :, :half], sin[0, :, :half])
+        return fla_modules.rotary(x, cos[0, :, :half].to(x.dtype), sin[0, :, :half].to(x.dtype))
     return apply_rotary.plain(x, cos, sin)
 
 
